@@ -1,0 +1,130 @@
+"""A user's images as a few-shot dataset: ``root/<class_name>/<image files>``.
+
+Every sub-folder of ``root`` is a class (sorted by name); its images are the files with extension
+``.png .jpg .jpeg .bmp .gif .webp`` (any case), sorted by name. Names starting with ``.`` are ignored
+(``.DS_Store``, macOS ``._x.png`` forks), as are plain files directly in ``root``.
+
+Pixels are taken as they are: unlike Omniglot (ink = 255) nothing is inverted unless ``invert=True``.
+Each image is converted to "L" (``channels=1``) or "RGB" (``channels=3``) after flattening any
+transparency onto white, then resized to ``image_size x image_size`` with Lanczos, without keeping the
+aspect ratio (crop or pad beforehand if that matters). Animated GIF/WebP files give their first frame.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metaloop.data.base import ClassImages
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _check_args(image_size: int, channels: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+
+def _load_one(path: Path, image_size: int, channels: int, invert: bool) -> np.ndarray:
+    """uint8 ``[C, S, S]``."""
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL raises UnidentifiedImageError (an OSError) for non-images and OSError/SyntaxError for
+        # truncated or malformed files.
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return 255 - arr if invert else arr
+
+
+def load_image_files(
+    paths: Sequence[str | os.PathLike],
+    image_size: int = 28,
+    channels: int = 1,
+    invert: bool = False,
+) -> torch.Tensor:
+    """Read image files into uint8 ``[N, C, S, S]`` (same conversion as :func:`load_image_folder`).
+
+    Raises ``ValueError`` naming the first file that cannot be read.
+    """
+    _check_args(image_size, channels)
+    out = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        out[i] = _load_one(Path(p), image_size, channels, invert)
+    return torch.from_numpy(out)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_image_folder(root: str | os.PathLike) -> list[tuple[str, list[Path]]]:
+    """``[(class_name, [image paths, sorted]), ...]`` sorted by class name, with the checks of
+    :func:`load_image_folder` (root exists, at least 2 classes, none empty)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder; expected root/<class_name>/<images>")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(
+            f"{root} has no class folders; expected root/<class_name>/<images> "
+            f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    classes = []
+    for d in class_dirs:
+        files = sorted((p for p in d.iterdir() if _is_image(p)), key=lambda p: p.name)
+        if not files:
+            raise ValueError(
+                f"class folder {d} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}, any case); "
+                "remove the folder or add images"
+            )
+        classes.append((d.name, files))
+    if len(classes) < 2:
+        raise ValueError(f"{root} has {len(classes)} class folder; few-shot tasks need at least 2 classes")
+    return classes
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    image_size: int = 28,
+    channels: int = 1,
+    name: str | None = None,
+    invert: bool = False,
+) -> ClassImages:
+    """Load ``root/<class_name>/*.{png,jpg,jpeg,bmp,gif,webp}`` as uint8 ``[N, C, S, S]`` by class.
+
+    Args:
+        root: folder with one sub-folder per class; class names are the sub-folder names.
+        image_size: ``S``; every image is resized to ``S x S``.
+        channels: 1 ("L") or 3 ("RGB").
+        name: dataset name for messages; default ``"folder/<root name>"``.
+        invert: store ``255 - pixel`` (use for dark ink on light paper to match Omniglot's ink = 255).
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: ``root`` is missing or not a folder.
+        ValueError: no class folders, a class without images, fewer than 2 classes, or an unreadable
+            image (named in the message).
+    """
+    _check_args(image_size, channels)
+    classes = list_image_folder(root)
+    per_class = [load_image_files(files, image_size, channels, invert) for _, files in classes]
+    return ClassImages.from_classes(
+        per_class, [c for c, _ in classes], name or f"folder/{Path(root).expanduser().name}"
+    )

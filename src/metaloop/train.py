@@ -1,0 +1,268 @@
+"""The outer loop: meta-train with Adam and step decay, meta-validate, keep the best model,
+checkpoint atomically, resume exactly, log metrics, and finally evaluate on meta-test.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line),
+``last.pt`` (everything needed to resume), ``best.pt`` (the best meta-validated model) and
+``result.json`` (the meta-test result).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metaloop.algorithms import build_learner
+from metaloop.algorithms.base import MetaLearner
+from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metaloop.config import Config, config_from_dict, config_to_yaml
+from metaloop.data import load_dataset
+from metaloop.data.base import ClassImages
+from metaloop.evaluate import EvalResult, evaluate
+from metaloop.fileio import atomic_write_bytes
+from metaloop.tasks.episodes import EpisodeSampler
+
+
+def load_split(config: Config, split: str) -> ClassImages:
+    data = config.data
+    return load_dataset(
+        data.name, split, image_size=data.image_size, data_dir=data.data_dir, seed=config.seed, root=data.root
+    )
+
+
+def learner_from_config(config: Config, image_shape: tuple[int, int, int]) -> MetaLearner:
+    """A freshly initialised learner, seeded by ``config.seed``."""
+    torch.manual_seed(config.seed)
+    return build_learner(config.algorithm.name, in_channels=image_shape[0], hidden=config.algorithm.hidden)
+
+
+def learner_from_checkpoint(state: dict[str, Any]) -> MetaLearner:
+    """Rebuild the learner a checkpoint was saved from, with its weights."""
+    learner = build_learner(state["algorithm"], **state["hparams"])
+    try:
+        learner.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint weights do not fit a {state['algorithm']} learner: {error}"
+        ) from error
+    return learner
+
+
+@dataclass
+class RunState:
+    """What the loop carries between steps, saved in ``last.pt`` for an exact resume."""
+
+    step: int = 0
+    best_val: float = -1.0
+    validations_without_improvement: int = 0
+    train_seconds: float = 0.0
+    window: dict[str, float] = field(default_factory=dict)  # metric sums since the last log line
+    window_steps: int = 0
+
+
+class Trainer:
+    """Meta-trains ``config`` in ``config.run_dir``; see the module docstring for the files."""
+
+    def __init__(self, config: Config, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.run_dir = Path(config.run_dir)
+        self.device = torch.device(config.device)
+        self.train_data = load_split(config, config.data.train_split)
+        self.val_data = load_split(config, config.data.val_split)
+        t = config.train
+        self.sampler = EpisodeSampler(self.train_data, t.ways, t.shots, t.queries, seed=config.seed)
+        ev = config.eval
+        # constructing a sampler validates the episode shape before any training happens
+        EpisodeSampler(self.val_data, ev.ways, ev.shots, ev.queries, seed=ev.seed + 1)
+        self.learner = learner_from_config(config, self.train_data.image_shape).to(self.device)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=t.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, t.lr_decay_every, t.lr_decay_gamma)
+        self.state = RunState()
+
+    # ----- files ---------------------------------------------------------------------------
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save_last(self) -> None:
+        s = self.state
+        save_checkpoint(
+            self.run_dir / "last.pt",
+            {
+                "algorithm": self.learner.name,
+                "hparams": self.learner.hparams,
+                "config": self.config.to_dict(),
+                "model": self.learner.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "run_state": {
+                    "step": s.step,
+                    "best_val": s.best_val,
+                    "validations_without_improvement": s.validations_without_improvement,
+                    "train_seconds": s.train_seconds,
+                    "window": dict(s.window),
+                    "window_steps": s.window_steps,
+                },
+            },
+        )
+
+    def _save_best(self, val_accuracy: float) -> None:
+        save_checkpoint(
+            self.run_dir / "best.pt",
+            {
+                "algorithm": self.learner.name,
+                "hparams": self.learner.hparams,
+                "config": self.config.to_dict(),
+                "model": self.learner.state_dict(),
+                "step": self.state.step,
+                "val_accuracy": val_accuracy,
+            },
+        )
+
+    def start(self) -> None:
+        """Prepare a new run folder; refuses to overwrite a run that already has checkpoints."""
+        if (self.run_dir / "last.pt").exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
+                "or choose another run_dir (--set run_dir=...)"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.yaml", config_to_yaml(self.config).encode())
+        atomic_write_bytes(self.metrics_path, b"")
+
+    def resume(self) -> None:
+        """Load ``last.pt`` and drop metric lines written after it, so none is duplicated."""
+        state = load_checkpoint(self.run_dir / "last.pt")
+        if state.get("algorithm") != self.learner.name:
+            raise CheckpointError(
+                f"{self.run_dir}/last.pt is a {state.get('algorithm')} run, not {self.learner.name}"
+            )
+        self.learner.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.state = RunState(**state["run_state"])
+        kept = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if record.get("step", 0) <= self.state.step:
+                    kept.append(line + "\n")
+        atomic_write_bytes(self.metrics_path, "".join(kept).encode())
+
+    # ----- the loop --------------------------------------------------------------------------
+    def validate(self) -> float:
+        ev = self.config.eval
+        sampler = EpisodeSampler(self.val_data, ev.ways, ev.shots, ev.queries, seed=ev.seed + 1)
+        result = evaluate(
+            self.learner, sampler, self.config.train.val_episodes, ev.batch_size, self.device, progress=False
+        )
+        return result.mean
+
+    def train_step(self) -> dict[str, float]:
+        batch = self.sampler.sample(self.config.train.meta_batch_size).to(self.device)
+        loss, metrics = self.learner.meta_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return metrics
+
+    def fit(self) -> None:
+        """Run outer steps until ``train.steps`` or early stopping."""
+        t, s = self.config.train, self.state
+        bar = tqdm(total=t.steps, initial=s.step, desc="meta-train", unit="step", disable=not self.progress)
+        while s.step < t.steps:
+            started = time.perf_counter()
+            metrics = self.train_step()
+            s.train_seconds += time.perf_counter() - started
+            s.step += 1
+            bar.update(1)
+            for key, value in metrics.items():
+                s.window[key] = s.window.get(key, 0.0) + value
+            s.window_steps += 1
+            if s.step % t.log_every == 0 or s.step == t.steps:
+                averages = {f"train_{k}": v / s.window_steps for k, v in s.window.items()}
+                self._log(
+                    {
+                        "step": s.step,
+                        "seconds": round(s.train_seconds, 3),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        **averages,
+                    }
+                )
+                bar.set_postfix({k: f"{v:.3f}" for k, v in averages.items()})
+                s.window, s.window_steps = {}, 0
+            stop = False
+            if s.step % t.val_every == 0 or s.step == t.steps:
+                val_accuracy = self.validate()
+                improved = val_accuracy > s.best_val
+                if improved:
+                    s.best_val, s.validations_without_improvement = val_accuracy, 0
+                    self._save_best(val_accuracy)
+                else:
+                    s.validations_without_improvement += 1
+                self._log(
+                    {
+                        "step": s.step,
+                        "seconds": round(s.train_seconds, 3),
+                        "val_accuracy": val_accuracy,
+                        "best": improved,
+                    }
+                )
+                patience = t.early_stop_patience
+                stop = patience is not None and s.validations_without_improvement >= patience
+            if stop or s.step % t.checkpoint_every == 0 or s.step == t.steps:
+                self._save_last()
+            if stop:
+                self._log({"step": s.step, "event": "early_stop", "best_val": s.best_val})
+                break
+        bar.close()
+
+
+def test_learner(config: Config, learner: MetaLearner, progress: bool = True) -> EvalResult:
+    """Meta-test ``learner`` on ``config.eval`` episodes of the test split."""
+    ev = config.eval
+    test_data = load_split(config, config.data.test_split)
+    sampler = EpisodeSampler(test_data, ev.ways, ev.shots, ev.queries, seed=ev.seed)
+    return evaluate(learner, sampler, ev.episodes, ev.batch_size, config.device, progress)
+
+
+def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResult:
+    """Meta-train (or continue) a run, then meta-test its best model; writes ``result.json``."""
+    trainer = Trainer(config, progress)
+    trainer.resume() if resume else trainer.start()
+    trainer.fit()
+    best = load_checkpoint(trainer.run_dir / "best.pt")
+    learner = learner_from_checkpoint(best).to(trainer.device)
+    result = test_learner(config, learner, progress)
+    summary = {
+        **result.to_dict(),
+        "best_step": best["step"],
+        "val_accuracy": best["val_accuracy"],
+        "train_seconds": trainer.state.train_seconds,
+        "steps": trainer.state.step,
+    }
+    atomic_write_bytes(trainer.run_dir / "result.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return result
+
+
+def config_of_run(run_dir: str | Path) -> Config:
+    """The configuration a run was started with (from its ``last.pt``)."""
+    return config_from_dict(load_checkpoint(Path(run_dir) / "last.pt")["config"])

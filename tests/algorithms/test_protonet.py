@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from metaloop.algorithms import ProtoNet, build_learner
+from metaloop.algorithms.protonet import prototypes, squared_distances
+from metaloop.tasks import EpisodeSampler
+
+
+def test_prototypes_are_class_means():
+    emb = torch.randn(2, 6, 4)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 0, 0, 1, 1]])
+    protos = prototypes(emb, labels, ways=3)
+    for t in range(2):
+        for k in range(3):
+            assert torch.allclose(protos[t, k], emb[t][labels[t] == k].mean(0))
+
+
+def test_distances_are_squared_euclidean():
+    q, p = torch.randn(3, 5, 8), torch.randn(3, 4, 8)
+    assert torch.allclose(squared_distances(q, p), torch.cdist(q, p).pow(2), atol=1e-5)
+
+
+def test_batched_predict_equals_per_task_adapt(class_images):
+    torch.manual_seed(0)
+    learner = ProtoNet().eval()
+    batch = EpisodeSampler(class_images, 4, 2, 3, seed=0).sample(3)
+    batched = learner.predict(batch)
+    assert batched.shape == (3, 12, 4)
+    for t in range(3):
+        single = learner.adapt(batch.support_x[t], batch.support_y[t])(batch.query_x[t])
+        assert torch.allclose(batched[t], single, atol=1e-4)
+
+
+def test_meta_loss_is_query_cross_entropy_and_trains(class_images):
+    torch.manual_seed(0)
+    learner = ProtoNet(hidden=16)
+    sampler = EpisodeSampler(class_images, 5, 1, 3, seed=0)
+    batch = sampler.sample(2)
+    loss, metrics = learner.meta_loss(batch)
+    logits = learner._logits(batch)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(metrics) == {"loss", "accuracy"}
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss, _ = learner.meta_loss(sampler.sample(2))
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first / 2
+
+
+def test_unknown_algorithm_lists_the_available_ones():
+    with pytest.raises(ValueError, match="unknown algorithm 'mamll'; available: protonet"):
+        build_learner("mamll")

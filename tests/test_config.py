@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from metaloop.config import Config, ConfigError, config_to_yaml, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_without_a_file():
+    config = load_config()
+    assert config == Config()
+    assert config.algorithm.name == "protonet" and config.data.name == "glyphs"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_recipe_loads(path):
+    config = load_config(path)
+    assert config.run_dir.startswith("runs/")
+
+
+def test_snell_training_setup_in_the_omniglot_recipes():
+    for name, ways, shots in [("5w1s", 5, 1), ("5w5s", 5, 5), ("20w1s", 20, 1), ("20w5s", 20, 5)]:
+        config = load_config(Path("configs") / f"protonet_omniglot_{name}.yaml")
+        assert (config.train.ways, config.train.queries, config.train.shots) == (60, 5, shots)
+        assert (config.eval.ways, config.eval.shots) == (ways, shots)
+        assert config.data.name == "omniglot" and config.data.image_size == 28
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config(overrides=["train.steps=7", "train.lr=0.01", "data.data_dir=/tmp/x", "seed=3"])
+    assert config.train.steps == 7 and config.train.lr == 0.01 and config.seed == 3
+    assert config.data.data_dir == "/tmp/x"
+
+
+def test_int_is_accepted_for_float_and_none_for_optional():
+    config = load_config(overrides=["train.lr=1", "train.early_stop_patience=null"])
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+
+
+def test_unknown_key_names_the_valid_ones():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key\(s\) 'lr_dacay' in 'train'; valid: ways, shots"
+    ):
+        load_config(overrides=["train.lr_dacay=0.5"])
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="'trian' at the top level"):
+        load_config(overrides=["trian.steps=3"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=ten", "train.steps: expected int, got str 'ten'"),
+        ("train.steps=true", "train.steps: expected an integer, got True"),
+        ("train.lr=[1]", "train.lr: expected float, got list"),
+        ("train=3", "train: expected a mapping"),
+        ("nonsense", "is not of the form key.sub=value"),
+    ],
+)
+def test_wrong_types_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(overrides=[override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config(overrides=["train.steps=11", "eval.ways=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text(config_to_yaml(config))
+    assert load_config(path) == config

@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from metaloop.checkpoint import CheckpointError, load_checkpoint
+from metaloop.config import load_config
+from metaloop.train import learner_from_checkpoint, run
+
+
+def tiny_config(root, run_dir, *extra):
+    return load_config(
+        overrides=[
+            "data.name=folder",
+            f"data.root={root}",
+            "algorithm.hidden=8",
+            "train.ways=3",
+            "train.shots=1",
+            "train.queries=2",
+            "train.steps=12",
+            "train.log_every=3",
+            "train.val_every=6",
+            "train.val_episodes=10",
+            "train.checkpoint_every=6",
+            "eval.ways=3",
+            "eval.queries=3",
+            "eval.episodes=20",
+            f"run_dir={run_dir}",
+            *extra,
+        ]
+    )
+
+
+def metric_lines(run_dir):
+    """The metrics log without wall-clock times, which differ between runs."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_run_writes_its_files_and_a_sane_result(image_folder, tmp_path):
+    result = run(tiny_config(image_folder, tmp_path / "run"), progress=False)
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "result.json"} <= files
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["mean"] == pytest.approx(result.mean) and saved["episodes"] == 20
+    assert 0.0 <= result.mean <= 1.0 and result.ci95 >= 0.0
+    steps = [r["step"] for r in metric_lines(tmp_path / "run")]
+    assert steps == [3, 6, 6, 9, 12, 12]  # train lines every 3 steps, validation at 6 and 12
+
+
+def test_same_seed_same_numbers(image_folder, tmp_path):
+    first = run(tiny_config(image_folder, tmp_path / "a"), progress=False)
+    second = run(tiny_config(image_folder, tmp_path / "b"), progress=False)
+    assert first.mean == second.mean
+    assert metric_lines(tmp_path / "a") == metric_lines(tmp_path / "b")
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(image_folder, tmp_path):
+    run(tiny_config(image_folder, tmp_path / "whole"), progress=False)
+    run(tiny_config(image_folder, tmp_path / "split", "train.steps=6"), progress=False)
+    # a crash after the checkpoint leaves lines the resumed run will write again, and a cut line
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 9, "train_loss": 123.0}) + "\n" + '{"step": 1')
+    run(tiny_config(image_folder, tmp_path / "split"), resume=True, progress=False)
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "last.pt")
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    assert metric_lines(tmp_path / "whole") == metric_lines(tmp_path / "split")
+
+
+def test_checkpoint_round_trip(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path / "run")
+    run(config, progress=False)
+    state = load_checkpoint(tmp_path / "run")  # a run folder resolves to best.pt
+    assert state["algorithm"] == "protonet" and state["config"]["run_dir"] == str(tmp_path / "run")
+    learner = learner_from_checkpoint(state)
+    for name, tensor in learner.state_dict().items():
+        assert torch.equal(tensor, state["model"][name])
+
+
+def test_a_started_run_is_never_overwritten(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path / "run")
+    run(config, progress=False)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(config, progress=False)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path):
+    truncated = tmp_path / "cut.pt"
+    torch.save({"format": "metaloop-checkpoint-1", "model": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a metaloop checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="holds no best.pt or last.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_architecture_mismatch_is_a_clear_error(image_folder, tmp_path):
+    run(tiny_config(image_folder, tmp_path / "run"), progress=False)
+    state = load_checkpoint(tmp_path / "run")
+    state["hparams"] = {**state["hparams"], "hidden": 16}
+    with pytest.raises(CheckpointError, match="do not fit a protonet learner"):
+        learner_from_checkpoint(state)
