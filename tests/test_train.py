@@ -110,3 +110,12 @@ def test_architecture_mismatch_is_a_clear_error(image_folder, tmp_path):
     state["hparams"] = {**state["hparams"], "hidden": 16}
     with pytest.raises(CheckpointError, match="do not fit a protonet learner"):
         learner_from_checkpoint(state)
+
+
+def test_hyper_parameters_a_learner_does_not_take_are_rejected(image_folder, tmp_path):
+    from metaloop.config import ConfigError
+    from metaloop.train import Trainer
+
+    with pytest.raises(ConfigError, match=r"'protonet' takes no algorithm.inner_lr"):
+        Trainer(tiny_config(image_folder, tmp_path / "run", "algorithm.inner_lr=0.4"), progress=False)
+    assert not (tmp_path / "run").exists()

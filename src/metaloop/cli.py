@@ -79,6 +79,7 @@ def _data(args: argparse.Namespace) -> int:
                 present
             ]
             print(f"  {name:10s} {status}")
+        print(f"  {'sinusoid':10s} built in (regression tasks)")
         return 0
     if args.name != "omniglot":
         raise ConfigError(

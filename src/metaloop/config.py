@@ -18,17 +18,30 @@ import yaml
 
 @dataclass
 class AlgorithmConfig:
-    """Which learner, and its architecture."""
+    """Which learner, and its hyper-parameters.
 
-    name: str = "protonet"
-    hidden: int = 64  # filters per Conv-4 layer
+    Keys left at ``None`` take the learner's own default (the paper's value for its backbone);
+    a key set for a learner that has no such hyper-parameter is an error.
+    """
+
+    name: str = "protonet"  # protonet | maml | fomaml | metasgd | anil | reptile | cavia
+    backbone: str | None = None  # conv4 (images) | mlp (regression), gradient-based learners
+    hidden: int | None = None  # filters per Conv-4 layer (64) or MLP width (40)
+    inner_lr: float | None = None  # α
+    inner_steps: int | None = None  # inner SGD steps while meta-training
+    eval_inner_steps: int | None = None  # inner SGD steps at test time
+    first_order: bool | None = None
+    strategy: str | None = None  # how the tasks of a meta-batch run: loop | vmap | batched
+    num_context_params: int | None = None  # CAVIA
+    alpha_low: float | None = None  # Meta-SGD: α initialised uniformly in [alpha_low, alpha_high]
+    alpha_high: float | None = None
 
 
 @dataclass
 class DataConfig:
     """Which dataset and which of its splits serve meta-train, meta-val and meta-test."""
 
-    name: str = "glyphs"  # glyphs | omniglot | folder
+    name: str = "glyphs"  # glyphs | omniglot | folder | sinusoid (regression tasks, no dataset)
     image_size: int = 28
     data_dir: str | None = None  # default: $METALOOP_DATA or ~/.cache/metaloop
     root: str | None = None  # image folder root (name: folder)

@@ -9,12 +9,18 @@ import torch
 from tqdm.auto import tqdm
 
 from metaloop.algorithms.base import MetaLearner
-from metaloop.tasks.episodes import EpisodeSampler
+from metaloop.tasks.episodes import EpisodeSampler, TaskBatch
+from metaloop.tasks.sinusoid import SinusoidTasks
+
+Sampler = EpisodeSampler | SinusoidTasks
 
 
 @dataclass
 class EvalResult:
-    """Mean accuracy over ``episodes`` test episodes and the half-width of its 95% CI.
+    """Mean ``metric`` over ``episodes`` test episodes and the half-width of its 95% CI.
+
+    ``metric`` is ``"accuracy"`` for classification and ``"mse"`` (query mean squared error)
+    for regression tasks (``ways == 0``).
 
     ``ci95 = 1.96 * std / sqrt(episodes)`` with the sample standard deviation (ddof=1)
     of the per-episode accuracies, the normal approximation used across the few-shot
@@ -28,12 +34,20 @@ class EvalResult:
     ways: int
     shots: int
     queries: int
+    metric: str = "accuracy"
 
     def __str__(self) -> str:
+        if self.metric == "mse":
+            return f"{self.shots}-shot MSE: {self.mean:.3f} ± {self.ci95:.3f} (95% CI, {self.episodes} tasks)"
         return (
             f"{self.ways}-way {self.shots}-shot accuracy: {100 * self.mean:.2f} ± {100 * self.ci95:.2f}% "
             f"(95% CI, {self.episodes} episodes)"
         )
+
+    @property
+    def score(self) -> float:
+        """Higher is better: accuracy, or minus the MSE."""
+        return -self.mean if self.metric == "mse" else self.mean
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -50,44 +64,52 @@ def confidence_interval(values: torch.Tensor) -> tuple[float, float, float]:
     return mean, 1.96 * std / math.sqrt(n), std
 
 
-def episode_accuracies(
+def per_task_metric(predictions: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """float ``[T]``: query accuracy of logits ``[T, M, W]``, or query MSE of predictions ``[T, M, 1]``
+    for regression batches (``ways == 0``)."""
+    if batch.ways == 0:
+        return (predictions - batch.query_y).pow(2).flatten(1).mean(1)
+    return (predictions.argmax(-1) == batch.query_y).float().mean(1)
+
+
+def episode_metrics(
     learner: MetaLearner,
-    sampler: EpisodeSampler,
+    sampler: Sampler,
     episodes: int,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Accuracy of ``learner`` on each of the next ``episodes`` tasks of ``sampler``: float ``[episodes]``."""
+    """Accuracy (or MSE) of ``learner`` on each of the next ``episodes`` tasks: float ``[episodes]``."""
     was_training = learner.training
     learner.eval()
-    accuracies = []
+    values = []
     try:
         with tqdm(total=episodes, desc="evaluate", unit="episode", disable=not progress, leave=False) as bar:
             done = 0
             while done < episodes:
                 batch = sampler.sample(min(batch_size, episodes - done)).to(device)
-                logits = learner.predict(batch)  # [T, W*Q, W]
-                accuracies.append((logits.argmax(-1) == batch.query_y).float().mean(1).cpu())
+                values.append(per_task_metric(learner.predict(batch), batch).cpu())
                 done += batch.num_tasks
                 bar.update(batch.num_tasks)
     finally:
         learner.train(was_training)
-    return torch.cat(accuracies)
+    return torch.cat(values)
 
 
 def evaluate(
     learner: MetaLearner,
-    sampler: EpisodeSampler,
+    sampler: Sampler,
     episodes: int = 1000,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> EvalResult:
-    """Mean accuracy ± 95% CI of ``learner`` over ``episodes`` tasks drawn from ``sampler``.
+    """Mean accuracy (or MSE) ± 95% CI of ``learner`` over ``episodes`` tasks drawn from ``sampler``.
 
     Pass a freshly seeded sampler to get the same test episodes for every learner.
     """
-    accuracies = episode_accuracies(learner, sampler, episodes, batch_size, device, progress)
-    mean, ci95, std = confidence_interval(accuracies)
-    return EvalResult(mean, ci95, std, episodes, sampler.ways, sampler.shots, sampler.queries)
+    values = episode_metrics(learner, sampler, episodes, batch_size, device, progress)
+    mean, ci95, std = confidence_interval(values)
+    metric = "mse" if sampler.ways == 0 else "accuracy"
+    return EvalResult(mean, ci95, std, episodes, sampler.ways, sampler.shots, sampler.queries, metric)

@@ -8,6 +8,8 @@ A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line)
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,28 +19,86 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metaloop.algorithms import build_learner
+from metaloop.algorithms import LEARNERS, build_learner
 from metaloop.algorithms.base import MetaLearner
 from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metaloop.config import Config, config_from_dict, config_to_yaml
+from metaloop.config import Config, ConfigError, config_from_dict, config_to_yaml
 from metaloop.data import load_dataset
 from metaloop.data.base import ClassImages
-from metaloop.evaluate import EvalResult, evaluate
+from metaloop.evaluate import EvalResult, Sampler, evaluate
 from metaloop.fileio import atomic_write_bytes
 from metaloop.tasks.episodes import EpisodeSampler
+from metaloop.tasks.sinusoid import SinusoidTasks
 
 
-def load_split(config: Config, split: str) -> ClassImages:
-    data = config.data
-    return load_dataset(
-        data.name, split, image_size=data.image_size, data_dir=data.data_dir, seed=config.seed, root=data.root
-    )
+class TaskSource:
+    """Task samplers for the splits named in ``config.data``; each dataset split is loaded once.
+
+    ``data.name: sinusoid`` gives regression tasks (:class:`SinusoidTasks`; the split only picks
+    the seed); every other name is a class-grouped image dataset cut into episodes.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._datasets: dict[str, ClassImages] = {}
+
+    @property
+    def regression(self) -> bool:
+        return self.config.data.name == "sinusoid"
+
+    def dataset(self, split: str) -> ClassImages:
+        if split not in self._datasets:
+            data = self.config.data
+            self._datasets[split] = load_dataset(
+                data.name,
+                split,
+                image_size=data.image_size,
+                data_dir=data.data_dir,
+                seed=self.config.seed,
+                root=data.root,
+            )
+        return self._datasets[split]
+
+    def sampler(self, split: str, ways: int, shots: int, queries: int, seed: int) -> Sampler:
+        if self.regression:
+            return SinusoidTasks(shots, queries, seed)
+        return EpisodeSampler(self.dataset(split), ways, shots, queries, seed)
+
+    def input_channels(self) -> int:
+        return 1 if self.regression else self.dataset(self.config.data.train_split).image_shape[0]
 
 
-def learner_from_config(config: Config, image_shape: tuple[int, int, int]) -> MetaLearner:
-    """A freshly initialised learner, seeded by ``config.seed``."""
+def learner_from_config(config: Config, in_channels: int) -> MetaLearner:
+    """A freshly initialised learner, seeded by ``config.seed``.
+
+    Passes every ``algorithm`` key that is set, plus ``in_channels`` and (classification)
+    ``ways = train.ways`` or (regression) ``ways = 0`` where the learner takes them.
+    """
+    algorithm = config.algorithm
+    if algorithm.name not in LEARNERS:
+        raise ConfigError(f"unknown algorithm {algorithm.name!r}; available: {', '.join(sorted(LEARNERS))}")
+    accepted = inspect.signature(LEARNERS[algorithm.name]).parameters
+    hparams = {k: v for k, v in dataclasses.asdict(algorithm).items() if k != "name" and v is not None}
+    unused = sorted(set(hparams) - set(accepted))
+    if unused:
+        raise ConfigError(
+            f"algorithm {algorithm.name!r} takes no {', '.join('algorithm.' + k for k in unused)}; "
+            f"its hyper-parameters: {', '.join(accepted)}"
+        )
+    regression = config.data.name == "sinusoid"
+    if "backbone" in accepted and "backbone" not in hparams:
+        hparams["backbone"] = "mlp" if regression else "conv4"
+    if "in_channels" in accepted:
+        hparams["in_channels"] = in_channels
+    if "ways" in accepted:
+        hparams["ways"] = 0 if regression else config.train.ways
+        if not regression and config.eval.ways != config.train.ways:
+            raise ConfigError(
+                f"{algorithm.name} has a {config.train.ways}-way output layer, so eval.ways must equal "
+                f"train.ways = {config.train.ways}, got {config.eval.ways}"
+            )
     torch.manual_seed(config.seed)
-    return build_learner(config.algorithm.name, in_channels=image_shape[0], hidden=config.algorithm.hidden)
+    return build_learner(algorithm.name, **hparams)
 
 
 def learner_from_checkpoint(state: dict[str, Any]) -> MetaLearner:
@@ -58,7 +118,7 @@ class RunState:
     """What the loop carries between steps, saved in ``last.pt`` for an exact resume."""
 
     step: int = 0
-    best_val: float = -1.0
+    best_val: float = -float("inf")  # best validation score so far (accuracy, or minus the MSE)
     validations_without_improvement: int = 0
     train_seconds: float = 0.0
     window: dict[str, float] = field(default_factory=dict)  # metric sums since the last log line
@@ -73,14 +133,13 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(config.run_dir)
         self.device = torch.device(config.device)
-        self.train_data = load_split(config, config.data.train_split)
-        self.val_data = load_split(config, config.data.val_split)
+        self.tasks = TaskSource(config)
         t = config.train
-        self.sampler = EpisodeSampler(self.train_data, t.ways, t.shots, t.queries, seed=config.seed)
-        ev = config.eval
-        # constructing a sampler validates the episode shape before any training happens
-        EpisodeSampler(self.val_data, ev.ways, ev.shots, ev.queries, seed=ev.seed + 1)
-        self.learner = learner_from_config(config, self.train_data.image_shape).to(self.device)
+        self.sampler = self.tasks.sampler(
+            config.data.train_split, t.ways, t.shots, t.queries, seed=config.seed
+        )
+        self.validate_sampler()  # constructing it checks the episode shape before any training happens
+        self.learner = learner_from_config(config, self.tasks.input_channels()).to(self.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=t.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, t.lr_decay_every, t.lr_decay_gamma)
         self.state = RunState()
@@ -118,7 +177,7 @@ class Trainer:
             },
         )
 
-    def _save_best(self, val_accuracy: float) -> None:
+    def _save_best(self, val: EvalResult) -> None:
         save_checkpoint(
             self.run_dir / "best.pt",
             {
@@ -127,7 +186,7 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "model": self.learner.state_dict(),
                 "step": self.state.step,
-                "val_accuracy": val_accuracy,
+                "val": val.to_dict(),
             },
         )
 
@@ -167,13 +226,21 @@ class Trainer:
         atomic_write_bytes(self.metrics_path, "".join(kept).encode())
 
     # ----- the loop --------------------------------------------------------------------------
-    def validate(self) -> float:
+    def validate_sampler(self) -> Sampler:
+        """The same validation episodes every time: eval's shape on the val split, seed eval.seed + 1."""
         ev = self.config.eval
-        sampler = EpisodeSampler(self.val_data, ev.ways, ev.shots, ev.queries, seed=ev.seed + 1)
-        result = evaluate(
-            self.learner, sampler, self.config.train.val_episodes, ev.batch_size, self.device, progress=False
+        return self.tasks.sampler(self.config.data.val_split, ev.ways, ev.shots, ev.queries, seed=ev.seed + 1)
+
+    def validate(self) -> EvalResult:
+        ev = self.config.eval
+        return evaluate(
+            self.learner,
+            self.validate_sampler(),
+            self.config.train.val_episodes,
+            ev.batch_size,
+            self.device,
+            False,
         )
-        return result.mean
 
     def train_step(self) -> dict[str, float]:
         batch = self.sampler.sample(self.config.train.meta_batch_size).to(self.device)
@@ -211,20 +278,16 @@ class Trainer:
                 s.window, s.window_steps = {}, 0
             stop = False
             if s.step % t.val_every == 0 or s.step == t.steps:
-                val_accuracy = self.validate()
-                improved = val_accuracy > s.best_val
+                val = self.validate()
+                improved = val.score > s.best_val
                 if improved:
-                    s.best_val, s.validations_without_improvement = val_accuracy, 0
-                    self._save_best(val_accuracy)
+                    s.best_val, s.validations_without_improvement = val.score, 0
+                    self._save_best(val)
                 else:
                     s.validations_without_improvement += 1
+                seconds = round(s.train_seconds, 3)
                 self._log(
-                    {
-                        "step": s.step,
-                        "seconds": round(s.train_seconds, 3),
-                        "val_accuracy": val_accuracy,
-                        "best": improved,
-                    }
+                    {"step": s.step, "seconds": seconds, f"val_{val.metric}": val.mean, "best": improved}
                 )
                 patience = t.early_stop_patience
                 stop = patience is not None and s.validations_without_improvement >= patience
@@ -239,8 +302,7 @@ class Trainer:
 def test_learner(config: Config, learner: MetaLearner, progress: bool = True) -> EvalResult:
     """Meta-test ``learner`` on ``config.eval`` episodes of the test split."""
     ev = config.eval
-    test_data = load_split(config, config.data.test_split)
-    sampler = EpisodeSampler(test_data, ev.ways, ev.shots, ev.queries, seed=ev.seed)
+    sampler = TaskSource(config).sampler(config.data.test_split, ev.ways, ev.shots, ev.queries, seed=ev.seed)
     return evaluate(learner, sampler, ev.episodes, ev.batch_size, config.device, progress)
 
 
@@ -255,7 +317,7 @@ def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResu
     summary = {
         **result.to_dict(),
         "best_step": best["step"],
-        "val_accuracy": best["val_accuracy"],
+        "val": best["val"],
         "train_seconds": trainer.state.train_seconds,
         "steps": trainer.state.step,
     }

@@ -30,6 +30,7 @@ class SinusoidTasks:
         if shots < 1 or queries < 1:
             raise ValueError(f"shots and queries must be >= 1, got shots={shots}, queries={queries}")
         self.shots, self.queries = shots, queries
+        self.ways = 0  # regression: no classes
         self.generator = torch.Generator().manual_seed(seed)
 
     def _uniform(self, shape: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
