@@ -57,9 +57,15 @@ def _eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.data_dir={args.data_dir}")
     overrides.append(f"device={args.device}")
     config = config_from_dict(apply_overrides(state["config"], overrides))
+    if args.inner_steps is not None:
+        if "eval_inner_steps" not in state["hparams"]:
+            raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
+        state["hparams"]["eval_inner_steps"] = args.inner_steps
     learner = learner_from_checkpoint(state).to(config.device)
     result = test_learner(config, learner, progress=not args.no_progress)
-    print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}: {result}")
+    steps = state["hparams"].get("eval_inner_steps")
+    after = f" after {steps} inner step{'s' * (steps != 1)}" if steps is not None else ""
+    print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}{after}: {result}")
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--queries", type=int, help="queries per class")
     ev.add_argument("--episodes", type=int, help="number of test episodes (default 1000)")
     ev.add_argument("--seed", type=int, help="seed of the test episodes")
+    ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
     ev.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
     ev.add_argument("--device", default="cpu", help="cpu or cuda")

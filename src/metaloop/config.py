@@ -31,7 +31,7 @@ class AlgorithmConfig:
     inner_steps: int | None = None  # inner SGD steps while meta-training
     eval_inner_steps: int | None = None  # inner SGD steps at test time
     first_order: bool | None = None
-    strategy: str | None = None  # how the tasks of a meta-batch run: loop | vmap | batched
+    strategy: str | None = None  # how the tasks of a meta-batch run: auto | loop | vmap | batched
     num_context_params: int | None = None  # CAVIA
     alpha_low: float | None = None  # Meta-SGD: α initialised uniformly in [alpha_low, alpha_high]
     alpha_high: float | None = None

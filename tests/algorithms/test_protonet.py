@@ -53,5 +53,6 @@ def test_meta_loss_is_query_cross_entropy_and_trains(class_images):
 
 
 def test_unknown_algorithm_lists_the_available_ones():
-    with pytest.raises(ValueError, match="unknown algorithm 'mamll'; available: protonet"):
+    expected = "unknown algorithm 'mamll'; available: anil, cavia, fomaml, maml, metasgd, protonet, reptile"
+    with pytest.raises(ValueError, match=expected):
         build_learner("mamll")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from metaloop.algorithms.base import MetaLearner
+from metaloop.algorithms.cavia import CAVIA
+from metaloop.algorithms.maml import ANIL, FOMAML, MAML, MetaSGD
 from metaloop.algorithms.protonet import ProtoNet
+from metaloop.algorithms.reptile import Reptile
 
-LEARNERS: dict[str, type[MetaLearner]] = {ProtoNet.name: ProtoNet}
+LEARNERS: dict[str, type[MetaLearner]] = {
+    learner.name: learner for learner in (ProtoNet, MAML, FOMAML, MetaSGD, ANIL, Reptile, CAVIA)
+}
 
 
 def build_learner(name: str, **hparams: object) -> MetaLearner:
@@ -15,4 +20,15 @@ def build_learner(name: str, **hparams: object) -> MetaLearner:
     return LEARNERS[name](**hparams)
 
 
-__all__ = ["LEARNERS", "MetaLearner", "ProtoNet", "build_learner"]
+__all__ = [
+    "ANIL",
+    "CAVIA",
+    "FOMAML",
+    "LEARNERS",
+    "MAML",
+    "MetaLearner",
+    "MetaSGD",
+    "ProtoNet",
+    "Reptile",
+    "build_learner",
+]

@@ -1,0 +1,191 @@
+"""What the optimisation-based learners (MAML and its family, Reptile, CAVIA) share: the
+backbone chosen by name, the task type it implies, the per-task loss and metrics, and
+test-time adaptation (``predict`` / ``adapt``) through :class:`metaloop.inner.InnerLoop`.
+
+Backbones: ``"conv4"`` is few-shot classification of images (cross-entropy; metrics ``loss``
+and ``accuracy``; ``ways`` logits), ``"mlp"`` is regression such as sinusoid (mean squared
+error; metrics ``loss`` and ``mse``; one output, ``ways`` = 0).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metaloop.algorithms.base import MetaLearner, Predictor
+from metaloop.inner import (
+    STRATEGIES,
+    Forward,
+    InnerLoop,
+    Params,
+    StepSize,
+    choose_strategy,
+    cross_entropy_per_task,
+    detach_step_size,
+    mse_per_task,
+)
+from metaloop.nn.maml_conv import MamlConv4
+from metaloop.nn.mlp import MLP
+from metaloop.tasks.episodes import TaskBatch
+
+BACKBONES = ("conv4", "mlp")
+
+
+def build_backbone(
+    backbone: str, in_channels: int, hidden: int, ways: int, num_context_params: int = 0
+) -> nn.Module:
+    """``"conv4"``: :class:`MamlConv4` with ``ways`` logits; ``"mlp"``: :class:`MLP` with
+    ``in_channels`` inputs and one output."""
+    if backbone == "conv4":
+        return MamlConv4(in_channels, hidden, ways, num_context_params)
+    return MLP(in_channels, hidden, 1, num_context_params=num_context_params)
+
+
+def network_problem(
+    net: nn.Module, names: list[str], lr: StepSize, meta: bool
+) -> tuple[Forward, Params, StepSize]:
+    """The inner problem "adapt the parameters ``names`` of ``net`` with step size ``lr``":
+    ``(forward, θ, α)`` with ``forward(p, x) = net(x)`` evaluated at ``p`` (other parameters:
+    the network's own). With ``meta=False`` θ and α are cut from the graph."""
+    named = dict(net.named_parameters())
+    params = {name: named[name] for name in names}
+    if not meta:
+        params, lr = {k: v.detach() for k, v in params.items()}, detach_step_size(lr)
+
+    def forward(p: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, p, (x,))
+
+    return forward, params, lr
+
+
+def map_tasks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, strategy: str) -> torch.Tensor:
+    """``fn`` applied to each task of ``x`` ``[T, n, ...]``, stacked, executed as ``strategy`` says."""
+    if strategy == "loop":
+        return torch.stack([fn(x_t) for x_t in x])
+    if strategy == "vmap":
+        return torch.func.vmap(fn)(x)
+    return fn(x)
+
+
+class GradientLearner(MetaLearner):
+    """Base of learners that adapt by SGD in an inner loop.
+
+    Subclasses define :meth:`inner_problem`: what is adapted, how it is applied, with which
+    step size. The default :meth:`meta_loss` is the mean query loss after the inner loop.
+    ``None`` hyperparameters take the backbone's value in :attr:`defaults`; the resolved
+    values are stored in ``hparams`` (plain numbers, strings and booleans).
+    """
+
+    defaults: ClassVar[dict[str, dict[str, int | float]]] = {
+        # Finn et al. 2017: Omniglot 5-way α = 0.4, 1 step, 3 at test; sinusoid α = 0.01, 1 step
+        "conv4": {"hidden": 64, "ways": 5, "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3},
+        "mlp": {"hidden": 40, "ways": 0, "inner_lr": 0.01, "inner_steps": 1, "eval_inner_steps": 10},
+    }
+
+    def __init__(self, **hparams: object) -> None:
+        backbone = hparams["backbone"]
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; use one of {', '.join(BACKBONES)}")
+        if hparams["strategy"] not in ("auto", *STRATEGIES):
+            raise ValueError(
+                f"unknown strategy {hparams['strategy']!r}; use one of auto, {', '.join(STRATEGIES)}"
+            )
+        defaults = self.defaults[backbone]
+        resolved = {k: defaults[k] if v is None and k in defaults else v for k, v in hparams.items()}
+        if backbone == "mlp" and resolved.get("ways", 0) != 0:
+            raise ValueError(
+                f"backbone 'mlp' is for regression (one output): ways must be 0, got {resolved['ways']}"
+            )
+        super().__init__(**resolved)
+        self.task_type = "classification" if backbone == "conv4" else "regression"
+        self.loss = cross_entropy_per_task if self.task_type == "classification" else mse_per_task
+
+    # ----- what subclasses define -------------------------------------------------------------
+    @abstractmethod
+    def inner_problem(self, meta: bool) -> tuple[Forward, Params, StepSize]:
+        """``(forward, θ, α)`` for :meth:`InnerLoop.run`. With ``meta=False`` (test time) θ and
+        α must be cut from the graph."""
+
+    def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the inner loop's ``forward`` takes, from the batch's inputs ``[T, n, ...]``."""
+        return x
+
+    # ----- shared machinery ---------------------------------------------------------------------
+    def strategy(self, device: torch.device) -> str:
+        """The execution strategy for tasks on ``device`` (``"auto"`` resolved)."""
+        return choose_strategy(str(self.hparams["strategy"]), device)
+
+    def inner_loop(self, meta: bool, device: torch.device) -> InnerLoop:
+        """Training: as configured. Test time: first order (no outer gradient is needed)."""
+        first_order = not meta or bool(self.hparams["first_order"])
+        return InnerLoop(self.loss, first_order, self.strategy(device))
+
+    def check_batch(self, batch: TaskBatch) -> None:
+        ways = self.hparams["ways"]
+        if batch.ways != ways:
+            kind = f"{ways}-way classification" if ways else "regression (ways = 0)"
+            raise ValueError(
+                f"this {self.name} learner was built for {kind} but the batch has ways = {batch.ways}; "
+                f"rebuild it with ways={batch.ways} and backbone={'conv4' if batch.ways else 'mlp'!r}"
+            )
+
+    def run_inner(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, steps: int, meta: bool
+    ) -> tuple[torch.Tensor, Params]:
+        """Adapted query outputs ``[T, M, K]`` and adapted parameters ``{name: [T, ...]}``."""
+        forward, params, lr = self.inner_problem(meta)
+        inputs_s, inputs_q = self.inner_inputs(support_x), self.inner_inputs(query_x)
+        inner = self.inner_loop(meta, support_x.device)
+        return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps)
+
+    def metrics(self, outputs: torch.Tensor, batch: TaskBatch, loss: torch.Tensor) -> dict[str, float]:
+        """``loss`` and ``accuracy`` (classification) or ``mse`` (regression) of query outputs."""
+        outputs = outputs.detach()
+        if self.task_type == "classification":
+            accuracy = (outputs.argmax(-1) == batch.query_y).float().mean()
+            return {"loss": loss.item(), "accuracy": accuracy.item()}
+        return {"loss": loss.item(), "mse": mse_per_task(outputs, batch.query_y).mean().item()}
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """(1/T) Σ_i L_query_i after ``inner_steps`` inner steps on each task, and its metrics."""
+        self.check_batch(batch)
+        steps = int(self.hparams["inner_steps"])
+        outputs, _ = self.run_inner(batch.support_x, batch.support_y, batch.query_x, steps, meta=True)
+        loss = self.loss(outputs, batch.query_y).mean()
+        return loss, self.metrics(outputs, batch, loss)
+
+    def predict(self, batch: TaskBatch) -> torch.Tensor:
+        """Detached query outputs after ``eval_inner_steps`` steps: logits ``[T, W*Q, W]`` or
+        predictions ``[T, Q, 1]``."""
+        self.check_batch(batch)
+        with torch.no_grad():
+            steps = int(self.hparams["eval_inner_steps"])
+            outputs, _ = self.run_inner(batch.support_x, batch.support_y, batch.query_x, steps, meta=False)
+        return outputs.detach()
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Adapt to one task (``eval_inner_steps`` steps); works in eval mode and under no_grad.
+
+        Args:
+            support_x: ``[N, C, H, W]`` images (or ``[N, 1]`` regression inputs).
+            support_y: int64 ``[N]`` labels (or ``[N, 1]`` targets).
+
+        Returns:
+            A function from queries ``[M, ...]`` to logits ``[M, W]`` (or predictions ``[M, 1]``).
+        """
+        steps = int(self.hparams["eval_inner_steps"])
+        with torch.no_grad():
+            _, adapted = self.run_inner(support_x[None], support_y[None], support_x[None], steps, meta=False)
+        forward, _, _ = self.inner_problem(meta=False)
+        fast = {name: value[0].detach() for name, value in adapted.items()}
+
+        def predictor(query_x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return forward(fast, self.inner_inputs(query_x[None])[0])
+
+        return predictor

@@ -1,0 +1,184 @@
+"""MAML and its first-order, learned-step-size and head-only variants.
+
+MAML: Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+Networks", ICML 2017, arXiv:1703.03400. FOMAML is its first-order approximation (same paper).
+Meta-SGD: Li, Zhou, Chen & Li, arXiv:1707.09835. ANIL: Raghu, Raghu, Bengio & Vinyals,
+"Rapid Learning or Feature Reuse?", ICLR 2020, arXiv:1909.09157.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metaloop.algorithms.gradient_based import GradientLearner, build_backbone, map_tasks, network_problem
+from metaloop.inner import Forward, Params, StepSize
+from metaloop.nn.functional import head_names
+
+
+class MAML(GradientLearner):
+    """Model-Agnostic Meta-Learning, true second order.
+
+    The meta-parameters ω are the network's initial weights θ. For each task i, K inner
+    steps on the support loss, then the outer step on the query losses at the adapted weights:
+
+        θ_i = θ − α ∇_θ L_support_i(θ)          (repeated K = ``inner_steps`` times)
+        θ ← θ − β ∇_θ (1/T) Σ_i L_query_i(θ_i)
+
+    The outer gradient differentiates through the inner gradients (Hessian-vector products);
+    β and the outer optimiser are the trainer's. With ``first_order=True`` (FOMAML) ∇L_support
+    is treated as a constant, so ∂θ_i/∂θ = I.
+
+    Args:
+        backbone: ``"conv4"`` (classification of images) or ``"mlp"`` (regression).
+        in_channels: image channels, or input features of the MLP.
+        hidden: filters (conv4, default 64) or units per hidden layer (mlp, default 40).
+        ways: logits of the head (conv4, default 5); 0 for regression.
+        inner_lr: α (default 0.4 for conv4, 0.01 for mlp, as in the paper).
+        inner_steps: K during meta-training (default 1).
+        eval_inner_steps: K at test time, in ``predict`` and ``adapt`` (default 3 conv4, 10 mlp).
+        first_order: FOMAML.
+        strategy: how the tasks of a batch execute: ``"loop"``, ``"vmap"``, ``"batched"`` (the
+            same numbers; see :mod:`metaloop.inner`) or ``"auto"``, the measured fastest for
+            the batch's device (loop on CPU, batched on CUDA).
+
+    Example:
+        >>> learner = MAML(backbone="conv4", in_channels=1, hidden=64, ways=5)
+        >>> loss, metrics = learner.meta_loss(batch)    # batch: a TaskBatch of 5-way tasks
+        >>> loss.backward(); optimizer.step()
+        >>> logits = learner.adapt(support_x, support_y)(query_x)   # [N, 5]
+    """
+
+    name = "maml"
+    first_order_default = False
+
+    def __init__(
+        self,
+        backbone: str = "conv4",
+        in_channels: int = 1,
+        hidden: int | None = None,
+        ways: int | None = None,
+        inner_lr: float | None = None,
+        inner_steps: int | None = None,
+        eval_inner_steps: int | None = None,
+        first_order: bool | None = None,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            in_channels=in_channels,
+            hidden=hidden,
+            ways=ways,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            first_order=self.first_order_default if first_order is None else first_order,
+            strategy=strategy,
+        )
+        h = self.hparams
+        self.net = build_backbone(backbone, in_channels, h["hidden"], h["ways"])
+
+    def adapted_names(self) -> list[str]:
+        """The parameters adapted in the inner loop: all of them."""
+        return [name for name, _ in self.net.named_parameters()]
+
+    def step_size(self) -> StepSize:
+        """α: the fixed ``inner_lr``."""
+        return float(self.hparams["inner_lr"])
+
+    def inner_problem(self, meta: bool) -> tuple[Forward, Params, StepSize]:
+        return network_problem(self.net, self.adapted_names(), self.step_size(), meta)
+
+
+class FOMAML(MAML):
+    """First-order MAML: MAML with the inner gradient treated as a constant,
+
+        θ_i = θ − α stop_gradient(∇_θ L_support_i(θ)),    θ ← θ − β (1/T) Σ_i ∇_{θ_i} L_query_i(θ_i).
+
+    Same arguments as :class:`MAML`; ``first_order`` defaults to True (arXiv:1703.03400, section 5.2).
+    """
+
+    name = "fomaml"
+    first_order_default = True
+
+
+class MetaSGD(MAML):
+    """Meta-SGD: MAML whose inner step size is a learned tensor α the shape of θ (arXiv:1707.09835).
+
+        θ_i = θ − α ⊙ ∇_θ L_support_i(θ)
+        (θ, α) ← (θ, α) − β ∇_(θ,α) (1/T) Σ_i L_query_i(θ_i)
+
+    ω = (θ, α). Every element of α starts uniform in [``alpha_low``, ``alpha_high``]
+    (default [0.005, 0.1], the paper's range) and is updated by the outer optimiser.
+    Same other arguments as :class:`MAML` (``inner_lr`` is not used).
+    """
+
+    name = "metasgd"
+
+    def __init__(
+        self,
+        backbone: str = "conv4",
+        in_channels: int = 1,
+        hidden: int | None = None,
+        ways: int | None = None,
+        inner_steps: int | None = None,
+        eval_inner_steps: int | None = None,
+        first_order: bool | None = None,
+        strategy: str = "auto",
+        alpha_low: float = 0.005,
+        alpha_high: float = 0.1,
+    ) -> None:
+        super().__init__(
+            backbone, in_channels, hidden, ways, None, inner_steps, eval_inner_steps, first_order, strategy
+        )
+        del self.hparams["inner_lr"]
+        self.hparams.update(alpha_low=alpha_low, alpha_high=alpha_high)
+        self.alpha = nn.ParameterDict(
+            {
+                _key(name): nn.Parameter(torch.empty_like(p).uniform_(alpha_low, alpha_high))
+                for name, p in self.net.named_parameters()
+            }
+        )
+
+    def step_size(self) -> StepSize:
+        """α: one learned step size per element of θ."""
+        return {name: self.alpha[_key(name)] for name in self.adapted_names()}
+
+
+def _key(name: str) -> str:
+    """A parameter name usable as a key of ``nn.ParameterDict`` (no dots)."""
+    return name.replace(".", "-")
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop: only the head adapts in the inner loop (arXiv:1909.09157).
+
+    With θ = (θ_body, θ_head) and features z = f_body(x; θ_body):
+
+        θ_head,i = θ_head − α ∇_θ_head L_support_i(θ_body, θ_head)
+        θ ← θ − β ∇_θ (1/T) Σ_i L_query_i(θ_body, θ_head,i)
+
+    The body gets no inner update; it is learned in the outer loop only, through both the
+    query features and the support features that the head adapted to. Its features are
+    computed once per task (they do not change during adaptation). Same arguments as :class:`MAML`.
+    """
+
+    name = "anil"
+
+    def adapted_names(self) -> list[str]:
+        """The head's parameters (see :func:`metaloop.nn.functional.head_names`)."""
+        return head_names(self.net)
+
+    def inner_problem(self, meta: bool) -> tuple[Forward, Params, StepSize]:
+        _, params, lr = super().inner_problem(meta)
+        params = {name.removeprefix("head."): p for name, p in params.items()}
+
+        def forward(p: Params, features: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.net.head, p, (features,))
+
+        return forward, params, lr
+
+    def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Body features ``[T, n, hidden]`` of inputs ``[T, n, ...]``."""
+        return map_tasks(self.net.features, x, self.strategy(x.device))

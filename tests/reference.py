@@ -1,0 +1,152 @@
+"""Slow, obviously correct reference computations of the optimisation-based meta-learners.
+
+Independent of the library's functional modules and inner loop: each network is written out
+with ``F.conv2d`` / ``F.linear`` and batch norm from its definition, tasks run in a plain
+Python loop, inner gradients come from ``torch.autograd.grad(create_graph=True)``. Used by
+the tests (gradients must agree to 1e-8 in float64) and by ``benchmarks/throughput.py``
+(the "reference loop" baseline). Parameter names follow the library's modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from metaloop.tasks.episodes import TaskBatch
+
+Params = dict[str, torch.Tensor]
+Net = Callable[..., torch.Tensor]
+
+
+def conv_net(
+    p: Params, x: torch.Tensor, context: torch.Tensor | None = None, film_layer: int = 2
+) -> torch.Tensor:
+    """MAML's Conv-4 on one task: x ``[n, C, H, W]`` -> logits ``[n, W]``."""
+    h = x
+    for i in range(4):
+        h = F.conv2d(h, p[f"blocks.{i}.conv"], stride=2, padding=1)
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((h - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        h = (h - mean) / torch.sqrt(var + 1e-5)
+        h = h * p[f"blocks.{i}.scale"].view(1, -1, 1, 1) + p[f"blocks.{i}.shift"].view(1, -1, 1, 1)
+        if context is not None and i == film_layer:
+            film = F.linear(context, p["film.weight"], p["film.bias"])
+            channels = h.shape[1]
+            gamma, beta = film[:channels], film[channels:]
+            h = h * (1 + gamma.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1)
+        h = F.relu(h)
+    return F.linear(h.mean(dim=(2, 3)), p["head.weight"], p["head.bias"])
+
+
+def mlp_net(p: Params, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """The sinusoid MLP on one task: x ``[n, 1]`` -> ``[n, 1]``; context concatenated to the input."""
+    if context is not None:
+        x = torch.cat([x, context.unsqueeze(0).repeat(x.shape[0], 1)], dim=1)
+    h = F.relu(F.linear(x, p["layers.0.weight"], p["layers.0.bias"]))
+    h = F.relu(F.linear(h, p["layers.1.weight"], p["layers.1.bias"]))
+    return F.linear(h, p["head.weight"], p["head.bias"])
+
+
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for integer labels, mean squared error otherwise."""
+    if targets.dtype == torch.int64:
+        return F.cross_entropy(outputs, targets)
+    return ((outputs - targets) ** 2).mean()
+
+
+def _step_size(lr: float | torch.Tensor | Params, name: str) -> float | torch.Tensor:
+    return lr[name] if isinstance(lr, dict) else lr
+
+
+def sgd_steps(
+    net: Net,
+    params: Params,
+    names: list[str],
+    lr: float | torch.Tensor | Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    first_order: bool,
+) -> Params:
+    """``steps`` SGD steps on the parameters ``names`` of ``params``; returns all parameters."""
+    params = dict(params)
+    for _ in range(steps):
+        loss = task_loss(net(params, x), y)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        for name, grad in zip(names, grads, strict=True):
+            if first_order:
+                grad = grad.detach()
+            params[name] = params[name] - _step_size(lr, name) * grad
+    return params
+
+
+def maml_loss(
+    net: Net,
+    params: Params,
+    batch: TaskBatch,
+    lr: float | torch.Tensor | Params,
+    steps: int,
+    first_order: bool = False,
+    names: list[str] | None = None,
+) -> torch.Tensor:
+    """(1/T) Σ_t L_query_t(θ_t), θ_t after ``steps`` SGD steps on ``names`` (default: all).
+
+    Covers MAML, FOMAML (``first_order``), Meta-SGD (``lr`` a dict of tensors) and ANIL
+    (``names`` the head's parameters)."""
+    names = list(params) if names is None else names
+    total = 0.0
+    for t in range(batch.num_tasks):
+        adapted = sgd_steps(
+            net, params, names, lr, batch.support_x[t], batch.support_y[t], steps, first_order
+        )
+        total = total + task_loss(net(adapted, batch.query_x[t]), batch.query_y[t])
+    return total / batch.num_tasks
+
+
+def cavia_loss(
+    net: Net,
+    params: Params,
+    batch: TaskBatch,
+    lr: float,
+    steps: int,
+    num_context: int,
+    first_order: bool = False,
+) -> torch.Tensor:
+    """(1/T) Σ_t L_query_t(φ_t, θ), φ_t after ``steps`` SGD steps from φ = 0 on the support set."""
+    total = 0.0
+    for t in range(batch.num_tasks):
+        context = torch.zeros(
+            num_context, dtype=batch.support_x.dtype, device=batch.support_x.device, requires_grad=True
+        )
+        for _ in range(steps):
+            loss = task_loss(net(params, batch.support_x[t], context), batch.support_y[t])
+            (grad,) = torch.autograd.grad(loss, [context], create_graph=True)
+            context = context - lr * (grad.detach() if first_order else grad)
+        total = total + task_loss(net(params, batch.query_x[t], context), batch.query_y[t])
+    return total / batch.num_tasks
+
+
+def reptile_gradient(
+    net: Net, params: Params, batch: TaskBatch, lr: float, steps: int
+) -> tuple[Params, torch.Tensor]:
+    """g = θ − (1/T) Σ_t θ_t, θ_t after ``steps`` SGD steps on task t's support set; and the
+    mean query loss at the θ_t."""
+    start = {name: p.detach().requires_grad_() for name, p in params.items()}
+    total = {name: torch.zeros_like(p) for name, p in start.items()}
+    query_loss = 0.0
+    for t in range(batch.num_tasks):
+        adapted = sgd_steps(net, start, list(start), lr, batch.support_x[t], batch.support_y[t], steps, True)
+        for name in total:
+            total[name] += adapted[name].detach()
+        with torch.no_grad():
+            query_loss = query_loss + task_loss(net(adapted, batch.query_x[t]), batch.query_y[t])
+    g = {name: start[name].detach() - total[name] / batch.num_tasks for name in start}
+    return g, query_loss / batch.num_tasks
+
+
+def meta_gradient(loss: torch.Tensor, tensors: Params) -> Params:
+    """∂loss/∂tensor for each named tensor."""
+    grads = torch.autograd.grad(loss, list(tensors.values()))
+    return dict(zip(tensors, grads, strict=True))
