@@ -123,6 +123,7 @@ def test_unknown_strategy_is_rejected():
 def test_auto_strategy_is_the_measured_best_per_device():
     assert choose_strategy("auto", torch.device("cpu")) == "loop"
     assert choose_strategy("auto", torch.device("cuda")) == "batched"
+    assert choose_strategy("auto", torch.device("cpu"), convolutional=False) == "batched"
     assert choose_strategy("vmap", torch.device("cuda")) == "vmap"
     with pytest.raises(ValueError, match="use one of auto, loop, vmap, batched"):
         choose_strategy("fast", torch.device("cpu"))

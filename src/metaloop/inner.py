@@ -49,11 +49,13 @@ Gradients = Callable[[Callable[[Params], torch.Tensor], Params, bool], Params]
 STRATEGIES = ("loop", "vmap", "batched")
 
 
-def choose_strategy(strategy: str, device: torch.device) -> str:
-    """``strategy``, or for ``"auto"`` the measured best on ``device``: ``"batched"`` on CUDA,
-    ``"loop"`` elsewhere (see the module docstring)."""
+def choose_strategy(strategy: str, device: torch.device, convolutional: bool = True) -> str:
+    """``strategy``, or for ``"auto"`` the measured best: ``"loop"`` for convolutional networks on
+    the CPU (see the module docstring), ``"batched"`` otherwise (on CUDA; and for the sinusoid MLP
+    on the CPU, where 300 MAML steps of 25 tasks took 6.3 s as a loop, 0.87 s with vmap and
+    0.67 s batched)."""
     if strategy == "auto":
-        return "batched" if device.type == "cuda" else "loop"
+        return "loop" if device.type == "cpu" and convolutional else "batched"
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of auto, {', '.join(STRATEGIES)}")
     return strategy

@@ -118,7 +118,7 @@ class GradientLearner(MetaLearner):
     # ----- shared machinery ---------------------------------------------------------------------
     def strategy(self, device: torch.device) -> str:
         """The execution strategy for tasks on ``device`` (``"auto"`` resolved)."""
-        return choose_strategy(str(self.hparams["strategy"]), device)
+        return choose_strategy(str(self.hparams["strategy"]), device, self.hparams["backbone"] == "conv4")
 
     def inner_loop(self, meta: bool, device: torch.device) -> InnerLoop:
         """Training: as configured. Test time: first order (no outer gradient is needed)."""
