@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from metaloop import distributed
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import ConfigError, apply_overrides, config_from_dict, load_config
@@ -17,6 +18,7 @@ EXAMPLES = """examples:
   metaloop train --resume runs/protonet_omniglot_5w1s   # continue an interrupted run
   metaloop eval --checkpoint runs/protonet_omniglot_5w1s --ways 20 --shots 1
   metaloop data prepare omniglot                        # download + verify into $METALOOP_DATA
+  torchrun --nproc-per-node 2 -m metaloop train --config configs/maml_omniglot_5w1s.yaml   # 2 processes
 """
 
 
@@ -36,9 +38,11 @@ def _train(args: argparse.Namespace) -> int:
         config = config_from_dict(apply_overrides(base, overrides))
     else:
         config = load_config(args.config, overrides)
-    print(f"run folder: {config.run_dir}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"run folder: {config.run_dir}", file=sys.stderr)
     result = run(config, resume=bool(args.resume), progress=not args.no_progress)
-    print(f"{config.algorithm.name} on {config.data.name}/{config.data.test_split}: {result}")
+    if distributed.is_main():
+        print(f"{config.algorithm.name} on {config.data.name}/{config.data.test_split}: {result}")
     return 0
 
 
@@ -61,8 +65,11 @@ def _eval(args: argparse.Namespace) -> int:
         if "eval_inner_steps" not in state["hparams"]:
             raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
         state["hparams"]["eval_inner_steps"] = args.inner_steps
-    learner = learner_from_checkpoint(state).to(config.device)
-    result = test_learner(config, learner, progress=not args.no_progress)
+    with distributed.process_group(config.device, config.dist_timeout_s):  # torchrun: shard the episodes
+        learner = learner_from_checkpoint(state).to(distributed.local_device(config.device))
+        result = test_learner(config, learner, progress=not args.no_progress)
+    if not distributed.is_main():
+        return 0
     steps = state["hparams"].get("eval_inner_steps")
     after = f" after {steps} inner step{'s' * (steps != 1)}" if steps is not None else ""
     print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}{after}: {result}")
@@ -170,8 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"metaloop {args.command}: error: {error}", file=sys.stderr)
+        print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as error:  # its message names the rank
+        print(f"metaloop {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _where() -> str:
+    """``"[rank r/W] "`` when launched as one of several processes, else nothing."""
+    return f"[rank {distributed.rank()}/{distributed.world_size()}] " if distributed.launched() else ""
 
 
 if __name__ == "__main__":

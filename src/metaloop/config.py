@@ -90,6 +90,7 @@ class Config:
     seed: int = 0
     run_dir: str = "runs/default"
     device: str = "cpu"
+    dist_timeout_s: float = 120.0  # torchrun: a rank waiting longer than this for a peer stops with an error
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,8 @@
-"""Evaluation on fixed-seed test episodes: mean accuracy with a 95% confidence interval."""
+"""Evaluation on fixed-seed test episodes: mean accuracy with a 95% confidence interval.
+
+Under torchrun the episodes are sharded over the ranks and the per-episode values gathered
+(:func:`episode_metrics`): every rank gets the result one process would compute.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from metaloop import distributed
 from metaloop.algorithms.base import MetaLearner
 from metaloop.tasks.episodes import EpisodeSampler, TaskBatch
 from metaloop.tasks.sinusoid import SinusoidTasks
@@ -80,21 +85,32 @@ def episode_metrics(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Accuracy (or MSE) of ``learner`` on each of the next ``episodes`` tasks: float ``[episodes]``."""
+    """Accuracy (or MSE) of ``learner`` on each of the next ``episodes`` tasks: float ``[episodes]``.
+
+    Under torchrun (W ranks) the episodes are drawn in chunks of ``W * batch_size``; every rank
+    draws each chunk (the same seeded stream), evaluates its :func:`~metaloop.distributed.shard`
+    of it, and the values are gathered, so every rank returns the same ``[episodes]`` values in
+    the same order as one process. Progress is shown on rank 0 only.
+    """
     was_training = learner.training
     learner.eval()
-    values = []
+    chunks = []  # this rank's values of each chunk, [len(shard)] each
+    world = distributed.world_size() if distributed.active() else 1
+    show = progress and distributed.is_main()
     try:
-        with tqdm(total=episodes, desc="evaluate", unit="episode", disable=not progress, leave=False) as bar:
+        with tqdm(total=episodes, desc="evaluate", unit="episode", disable=not show, leave=False) as bar:
             done = 0
             while done < episodes:
-                batch = sampler.sample(min(batch_size, episodes - done)).to(device)
-                values.append(per_task_metric(learner.predict(batch), batch).cpu())
-                done += batch.num_tasks
-                bar.update(batch.num_tasks)
+                size = min(batch_size * world, episodes - done)
+                keep = distributed.shard(size) if world > 1 else None
+                batch = sampler.sample(size, keep=keep).to(device)
+                values = per_task_metric(learner.predict(batch), batch) if batch.num_tasks else torch.empty(0)
+                chunks.append(values.cpu())
+                done += size
+                bar.update(size)
     finally:
         learner.train(was_training)
-    return torch.cat(values)
+    return distributed.gather_chunks(chunks) if world > 1 else torch.cat(chunks)
 
 
 def evaluate(

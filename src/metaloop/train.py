@@ -4,6 +4,10 @@ checkpoint atomically, resume exactly, log metrics, and finally evaluate on meta
 A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line),
 ``last.pt`` (everything needed to resume), ``best.pt`` (the best meta-validated model) and
 ``result.json`` (the meta-test result).
+
+Under ``torchrun`` (see :mod:`metaloop.distributed`) every rank runs this loop on its shard of
+each meta-batch with meta-gradients averaged over ranks, so all ranks hold the same parameters
+and train as one process would on the whole meta-batch; only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from metaloop import distributed
 from metaloop.algorithms import LEARNERS, build_learner
 from metaloop.algorithms.base import MetaLearner
 from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -129,10 +134,11 @@ class Trainer:
     """Meta-trains ``config`` in ``config.run_dir``; see the module docstring for the files."""
 
     def __init__(self, config: Config, progress: bool = True) -> None:
+        check_world(config)
         self.config = config
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.run_dir = Path(config.run_dir)
-        self.device = torch.device(config.device)
+        self.device = distributed.local_device(config.device)
         self.tasks = TaskSource(config)
         t = config.train
         self.sampler = self.tasks.sampler(
@@ -150,10 +156,14 @@ class Trainer:
         return self.run_dir / "metrics.jsonl"
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _save_last(self) -> None:
+        if not distributed.is_main():
+            return
         s = self.state
         save_checkpoint(
             self.run_dir / "last.pt",
@@ -178,6 +188,8 @@ class Trainer:
         )
 
     def _save_best(self, val: EvalResult) -> None:
+        if not distributed.is_main():
+            return
         save_checkpoint(
             self.run_dir / "best.pt",
             {
@@ -191,7 +203,15 @@ class Trainer:
         )
 
     def start(self) -> None:
-        """Prepare a new run folder; refuses to overwrite a run that already has checkpoints."""
+        """Prepare a new run folder; refuses to overwrite a run that already has checkpoints.
+
+        Under torchrun rank 0 prepares the folder (a refusal stops every rank) and the other
+        ranks take rank 0's initial model.
+        """
+        distributed.on_main(self._prepare_run_dir)
+        self._join_ranks()
+
+    def _prepare_run_dir(self) -> None:
         if (self.run_dir / "last.pt").exists():
             raise FileExistsError(
                 f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
@@ -202,7 +222,11 @@ class Trainer:
         atomic_write_bytes(self.metrics_path, b"")
 
     def resume(self) -> None:
-        """Load ``last.pt`` and drop metric lines written after it, so none is duplicated."""
+        """Load ``last.pt`` and drop metric lines written after it, so none is duplicated.
+
+        Under torchrun every rank loads ``last.pt`` (the run folder must be on a file system all
+        ranks share); rank 0 alone rewrites the metrics log.
+        """
         state = load_checkpoint(self.run_dir / "last.pt")
         if state.get("algorithm") != self.learner.name:
             raise CheckpointError(
@@ -214,6 +238,11 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         self.state = RunState(**state["run_state"])
+        distributed.on_main(self._trim_metrics)
+        self._join_ranks()
+
+    def _trim_metrics(self) -> None:
+        """Keep the metric lines of steps up to the loaded checkpoint's (complete lines only)."""
         kept = []
         if self.metrics_path.exists():
             for line in self.metrics_path.read_text().splitlines():
@@ -224,6 +253,12 @@ class Trainer:
                 if record.get("step", 0) <= self.state.step:
                     kept.append(line + "\n")
         atomic_write_bytes(self.metrics_path, "".join(kept).encode())
+
+    def _join_ranks(self) -> None:
+        """Check every rank runs the same config and give all of them rank 0's model."""
+        if distributed.active():
+            distributed.check_same(config_to_yaml(self.config), "configuration")
+            distributed.broadcast_module_(self.learner)
 
     # ----- the loop --------------------------------------------------------------------------
     def validate_sampler(self) -> Sampler:
@@ -243,10 +278,18 @@ class Trainer:
         )
 
     def train_step(self) -> dict[str, float]:
-        batch = self.sampler.sample(self.config.train.meta_batch_size).to(self.device)
+        """One outer step on ``train.meta_batch_size`` tasks; returns metrics averaged over them.
+
+        Under torchrun each rank draws the same tasks and keeps its shard; gradients, float
+        buffers and metrics are averaged over ranks before the optimiser step.
+        """
+        size = self.config.train.meta_batch_size
+        keep = distributed.shard(size) if distributed.active() else None
+        batch = self.sampler.sample(size, keep=keep).to(self.device)
         loss, metrics = self.learner.meta_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        metrics = distributed.average_gradients_(self.learner, metrics)
         self.optimizer.step()
         self.scheduler.step()
         return metrics
@@ -303,25 +346,49 @@ def test_learner(config: Config, learner: MetaLearner, progress: bool = True) ->
     """Meta-test ``learner`` on ``config.eval`` episodes of the test split."""
     ev = config.eval
     sampler = TaskSource(config).sampler(config.data.test_split, ev.ways, ev.shots, ev.queries, seed=ev.seed)
-    return evaluate(learner, sampler, ev.episodes, ev.batch_size, config.device, progress)
+    device = distributed.local_device(config.device)
+    return evaluate(learner, sampler, ev.episodes, ev.batch_size, device, progress)
+
+
+def check_world(config: Config) -> None:
+    """Refuse a torchrun launch the trainer cannot split exactly (see :mod:`metaloop.distributed`)."""
+    if distributed.launched() and not distributed.active():
+        raise distributed.DistributedError(
+            f"started as one of {distributed.world_size()} ranks (WORLD_SIZE is set) but not in a process "
+            "group: call metaloop.train.run(), or wrap the Trainer in metaloop.distributed.process_group()"
+        )
+    world, size = distributed.world_size(), config.train.meta_batch_size
+    if size % world:
+        raise ConfigError(
+            f"train.meta_batch_size = {size} does not split evenly over {world} processes; use a multiple "
+            f"of {world} (e.g. --set train.meta_batch_size={size + world - size % world}) or launch a "
+            f"number of processes that divides {size}"
+        )
 
 
 def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResult:
-    """Meta-train (or continue) a run, then meta-test its best model; writes ``result.json``."""
-    trainer = Trainer(config, progress)
-    trainer.resume() if resume else trainer.start()
-    trainer.fit()
-    best = load_checkpoint(trainer.run_dir / "best.pt")
-    learner = learner_from_checkpoint(best).to(trainer.device)
-    result = test_learner(config, learner, progress)
-    summary = {
-        **result.to_dict(),
-        "best_step": best["step"],
-        "val": best["val"],
-        "train_seconds": trainer.state.train_seconds,
-        "steps": trainer.state.step,
-    }
-    atomic_write_bytes(trainer.run_dir / "result.json", (json.dumps(summary, indent=2) + "\n").encode())
+    """Meta-train (or continue) a run, then meta-test its best model; writes ``result.json``.
+
+    Launched by torchrun, joins the process group for the run (timeout ``dist_timeout_s``); every
+    rank returns the same result.
+    """
+    with distributed.process_group(config.device, config.dist_timeout_s):
+        trainer = Trainer(config, progress)
+        trainer.resume() if resume else trainer.start()
+        trainer.fit()
+        distributed.barrier()  # rank 0 has written best.pt
+        best = load_checkpoint(trainer.run_dir / "best.pt")
+        learner = learner_from_checkpoint(best).to(trainer.device)
+        result = test_learner(config, learner, trainer.progress)
+        summary = {
+            **result.to_dict(),
+            "best_step": best["step"],
+            "val": best["val"],
+            "train_seconds": trainer.state.train_seconds,
+            "steps": trainer.state.step,
+        }
+        text = json.dumps(summary, indent=2) + "\n"
+        distributed.on_main(lambda: atomic_write_bytes(trainer.run_dir / "result.json", text.encode()))
     return result
 
 

@@ -5,12 +5,21 @@ support examples, c_k = (1/S) Σ_{x in S_k} f_ω(x), and a query is classified b
 over negative squared Euclidean distances, p(y = k | x) ∝ exp(-||f_ω(x) - c_k||²).
 The outer loop minimises the query cross-entropy with respect to ω; there is no inner
 loop (adaptation is computing prototypes).
+
+While meta-training, each task of a meta-batch is its own batch-norm batch (statistics per
+task, as in Snell et al.'s code, which trains on one episode per step): a task's embedding then
+does not depend on which other tasks share its meta-batch, so splitting a meta-batch over
+processes (:mod:`metaloop.distributed`) computes exactly what one process computes. The
+running statistics used at test time are updated once per step with the mean over tasks of the
+per-task statistics. The convolution biases (each followed by batch norm, so the loss does not
+depend on them) are not trained; see :meth:`ProtoNet.encode`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from metaloop.algorithms.base import MetaLearner, Predictor
 from metaloop.nn.conv4 import Conv4
@@ -27,6 +36,38 @@ def prototypes(support_emb: torch.Tensor, support_y: torch.Tensor, ways: int) ->
 def squared_distances(query_emb: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """``||q - c||²`` as ``[T, M, W]`` for queries ``[T, M, D]`` and prototypes ``[T, W, D]``."""
     return (query_emb.unsqueeze(2) - protos.unsqueeze(1)).pow(2).sum(-1)
+
+
+def task_batch_norm(bn: nn.BatchNorm2d, h: torch.Tensor, tasks: int) -> torch.Tensor:
+    """``bn`` applied to ``h`` ``[T*n, C, H, W]`` (T tasks of n images, task-major) with batch
+    statistics per task while training; ``[T*n, C, H, W]`` out.
+
+    The T tasks become T groups of channels of one ``F.batch_norm`` call (``[n, T*C, H, W]``),
+    so the statistics of channel c of task t are over that task's n images only. The running
+    statistics move once, towards the mean over tasks of the per-task mean and (unbiased)
+    variance; for T = 1 this is exactly ``bn(h)``. In eval mode it is ``bn(h)``.
+    """
+    if not bn.training or tasks == 1:
+        return bn(h)
+    n, c, rest = h.shape[0] // tasks, h.shape[1], h.shape[2:]
+    x = h.view(tasks, n, c, *rest).transpose(0, 1).reshape(n, tasks * c, *rest)  # [n, T*C, H, W]
+    momentum = bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm does
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    tracking = bn.track_running_stats and bn.running_mean is not None
+    # [T*C] copies of the running statistics: F.batch_norm moves copy t towards task t's statistics
+    running_mean = bn.running_mean.repeat(tasks) if tracking else None
+    running_var = bn.running_var.repeat(tasks) if tracking else None
+    weight = bn.weight.repeat(tasks) if bn.weight is not None else None
+    bias = bn.bias.repeat(tasks) if bn.bias is not None else None
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum or 0.0, bn.eps)
+    if tracking:
+        with torch.no_grad():
+            bn.running_mean.copy_(running_mean.view(tasks, c).mean(0))
+            bn.running_var.copy_(running_var.view(tasks, c).mean(0))
+    return out.view(n, tasks, c, *rest).transpose(0, 1).reshape(tasks * n, c, *rest)
 
 
 class ProtoNet(MetaLearner):
@@ -48,11 +89,36 @@ class ProtoNet(MetaLearner):
         super().__init__(in_channels=in_channels, hidden=hidden)
         self.encoder = Conv4(in_channels, hidden)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[T, n, D]`` of images ``[T, n, C, H, W]``; batch norm per task (training).
+
+        The bias of each convolution is used but not trained: every convolution feeds a batch norm,
+        which subtracts the batch mean, so the loss does not depend on that bias and its true
+        gradient is zero. The float32 gradient is rounding noise (~1e-9), which Adam would
+        normalise into steps of about ``lr`` in random directions: a random walk that changes
+        nothing while training, drags the running means along (so test-time outputs drift), and
+        makes a run depend on how its sums were ordered (threads, processes).
+        """
+        tasks, n = images.shape[:2]
+        h = images.flatten(0, 1)  # [T*n, C, H, W]
+        for block in self.encoder.blocks:
+            for layer in block:
+                if isinstance(layer, nn.BatchNorm2d):
+                    h = task_batch_norm(layer, h, tasks)
+                elif isinstance(layer, nn.Conv2d) and layer.bias is not None:
+                    bias = layer.bias.detach()
+                    h = F.conv2d(
+                        h, layer.weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups
+                    )
+                else:
+                    h = layer(h)
+        return h.flatten(1).view(tasks, n, -1)
+
     def _logits(self, batch: TaskBatch) -> torch.Tensor:
-        """Logits ``[T, W*Q, W]``; support and query pass through the encoder together."""
-        t, n_support = batch.support_y.shape
+        """Logits ``[T, W*Q, W]``; a task's support and query pass through the encoder together."""
+        n_support = batch.support_y.shape[1]
         images = torch.cat([batch.support_x, batch.query_x], dim=1)  # [T, N+M, C, H, W]
-        emb = self.encoder(images.flatten(0, 1)).view(t, images.shape[1], -1)  # [T, N+M, D]
+        emb = self.encode(images)  # [T, N+M, D]
         protos = prototypes(emb[:, :n_support], batch.support_y, batch.ways)
         return -squared_distances(emb[:, n_support:], protos)
 

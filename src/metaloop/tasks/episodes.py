@@ -60,6 +60,15 @@ class TaskBatch:
         )
 
 
+def kept_rows(num_tasks: int, keep: range | None) -> torch.Tensor | None:
+    """int64 ``[K]`` positions to keep out of ``num_tasks`` drawn tasks; ``None`` means all."""
+    if keep is None or keep == range(num_tasks):
+        return None
+    if len(keep) and (min(keep) < 0 or max(keep) >= num_tasks):
+        raise ValueError(f"keep={keep} reaches outside the {num_tasks} tasks drawn (0..{num_tasks - 1})")
+    return torch.tensor(list(keep), dtype=torch.long)
+
+
 class EpisodeSampler:
     """Seeded sampler of k-way n-shot episodes.
 
@@ -108,16 +117,25 @@ class EpisodeSampler:
         picks = scores.argsort(dim=1)[:, : self.shots + self.queries]
         return self.dataset.offsets[classes][:, None] + picks
 
-    def sample(self, num_tasks: int = 1) -> TaskBatch:
-        """Draw ``num_tasks`` tasks, stacked into a :class:`TaskBatch`."""
+    def sample(self, num_tasks: int = 1, keep: range | None = None) -> TaskBatch:
+        """Draw ``num_tasks`` tasks, stacked into a :class:`TaskBatch`.
+
+        ``keep`` (positions in ``range(num_tasks)``, e.g. one rank's shard of a meta-batch):
+        all ``num_tasks`` tasks are still drawn, so the stream advances exactly as without it,
+        but only the kept ones are gathered and returned, in order (``[len(keep), ...]``).
+        """
         indices = torch.stack([self._task_indices() for _ in range(num_tasks)])  # [T, W, S+Q]
-        images = self.dataset.images[indices].float().div_(255.0)  # [T, W, S+Q, C, H, W]
+        rows = kept_rows(num_tasks, keep)
+        if rows is not None:
+            indices = indices[rows]  # [K, W, S+Q]
+        tasks = indices.shape[0]
+        images = self.dataset.images[indices].float().div_(255.0)  # [K, W, S+Q, C, H, W]
         shape = images.shape[3:]
-        support_x = images[:, :, : self.shots].reshape(num_tasks, self.ways * self.shots, *shape)
-        query_x = images[:, :, self.shots :].reshape(num_tasks, self.ways * self.queries, *shape)
+        support_x = images[:, :, : self.shots].reshape(tasks, self.ways * self.shots, *shape)
+        query_x = images[:, :, self.shots :].reshape(tasks, self.ways * self.queries, *shape)
         labels = torch.arange(self.ways)
-        support_y = labels.repeat_interleave(self.shots).expand(num_tasks, -1).contiguous()
-        query_y = labels.repeat_interleave(self.queries).expand(num_tasks, -1).contiguous()
+        support_y = labels.repeat_interleave(self.shots).expand(tasks, -1).contiguous()
+        query_y = labels.repeat_interleave(self.queries).expand(tasks, -1).contiguous()
         return TaskBatch(support_x, support_y, query_x, query_y, self.ways)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from metaloop.tasks.episodes import TaskBatch
+from metaloop.tasks.episodes import TaskBatch, kept_rows
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -37,11 +37,18 @@ class SinusoidTasks:
         low, high = bounds
         return low + (high - low) * torch.rand(shape, generator=self.generator)
 
-    def sample(self, num_tasks: int = 1) -> TaskBatch:
-        """``num_tasks`` tasks: x, y float ``[T, S, 1]`` (support) and ``[T, Q, 1]`` (query)."""
+    def sample(self, num_tasks: int = 1, keep: range | None = None) -> TaskBatch:
+        """``num_tasks`` tasks: x, y float ``[T, S, 1]`` (support) and ``[T, Q, 1]`` (query).
+
+        ``keep``: return only these positions of the ``num_tasks`` drawn (``T = len(keep)``);
+        the generator advances as if all were returned (see :meth:`EpisodeSampler.sample`).
+        """
         amplitude = self._uniform((num_tasks, 1, 1), AMPLITUDE_RANGE)
         phase = self._uniform((num_tasks, 1, 1), PHASE_RANGE)
         x = self._uniform((num_tasks, self.shots + self.queries, 1), INPUT_RANGE)
+        rows = kept_rows(num_tasks, keep)
+        if rows is not None:
+            amplitude, phase, x = amplitude[rows], phase[rows], x[rows]
         y = amplitude * torch.sin(x - phase)
         s = self.shots
         return TaskBatch(x[:, :s], y[:, :s], x[:, s:], y[:, s:], ways=0)
