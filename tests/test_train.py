@@ -119,3 +119,92 @@ def test_hyper_parameters_a_learner_does_not_take_are_rejected(image_folder, tmp
     with pytest.raises(ConfigError, match=r"'protonet' takes no algorithm.inner_lr"):
         Trainer(tiny_config(image_folder, tmp_path / "run", "algorithm.inner_lr=0.4"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_keep_last_k_checkpoints(image_folder, tmp_path):
+    run(
+        tiny_config(image_folder, tmp_path / "run", "train.checkpoint_every=3", "train.keep_checkpoints=2"),
+        False,
+    )
+    kept = sorted(p.name for p in (tmp_path / "run").glob("step-*.pt"))
+    assert kept == ["step-0000009.pt", "step-0000012.pt"]
+    assert load_checkpoint(tmp_path / "run" / "step-0000009.pt")["run_state"]["step"] == 9
+    assert (tmp_path / "run" / "step-0000012.pt").read_bytes() == (tmp_path / "run" / "last.pt").read_bytes()
+
+
+def poison_step(trainer, bad_step):
+    """Make the learner's loss NaN at outer step ``bad_step`` (1-based)."""
+    original, calls = trainer.learner.meta_loss, []
+
+    def meta_loss(batch):
+        calls.append(1)
+        loss, metrics = original(batch)
+        if len(calls) == bad_step:
+            loss = loss * float("nan")
+            metrics = {**metrics, "loss": float("nan")}
+        return loss, metrics
+
+    trainer.learner.meta_loss = meta_loss
+
+
+def nonfinite_trainer(image_folder, run_dir, action):
+    from metaloop.train import Trainer
+
+    trainer = Trainer(tiny_config(image_folder, run_dir, f"train.on_nonfinite={action}"), progress=False)
+    poison_step(trainer, bad_step=8)
+    trainer.start()
+    return trainer
+
+
+def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(image_folder, tmp_path):
+    from metaloop.train import TrainingDiverged
+
+    trainer = nonfinite_trainer(image_folder, tmp_path / "run", "stop")
+    with pytest.raises(
+        TrainingDiverged, match="step 8: non-finite loss; training stopped .* last good checkpoint"
+    ):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["run_state"]["step"] == 6
+    for tensor in trainer.learner.state_dict().values():
+        assert torch.isfinite(tensor.float()).all()  # the bad update was never applied
+    assert {"step": 8, "event": "nonfinite", "what": "loss", "action": "stop"} in metric_lines(
+        tmp_path / "run"
+    )
+
+
+def test_nonfinite_batches_can_be_skipped_or_lower_the_learning_rate(image_folder, tmp_path):
+    skip = nonfinite_trainer(image_folder, tmp_path / "skip", "skip")
+    skip.fit()
+    assert skip.state.step == 12
+    assert all(torch.isfinite(t.float()).all() for t in skip.learner.state_dict().values())
+    lines = metric_lines(tmp_path / "skip")
+    assert {"step": 8, "event": "nonfinite", "what": "loss", "action": "skip"} in lines
+    assert all(
+        line.get("train_loss", 0.0) == line.get("train_loss", 0.0) for line in lines
+    )  # no NaN averages
+
+    lower = nonfinite_trainer(image_folder, tmp_path / "lower", "lower_lr")
+    lower.fit()
+    event = next(line for line in metric_lines(tmp_path / "lower") if line.get("event") == "nonfinite")
+    assert event["lr"] == pytest.approx(0.0005)
+    assert lower.optimizer.param_groups[0]["lr"] == pytest.approx(0.0005)
+
+
+def test_nonfinite_gradient_is_named(image_folder, tmp_path):
+    from metaloop.train import Trainer
+
+    trainer = Trainer(tiny_config(image_folder, tmp_path / "run"), progress=False)
+    trainer.start()
+    loss, metrics = trainer.learner.meta_loss(trainer.sampler.sample(1))
+    loss.backward()
+    name, parameter = next((n, p) for n, p in trainer.learner.named_parameters() if p.grad is not None)
+    parameter.grad.view(-1)[0] = float("inf")
+    assert trainer.nonfinite(metrics) == f"gradient of {name}"
+
+
+def test_unknown_nonfinite_action_is_rejected(image_folder, tmp_path):
+    from metaloop.config import ConfigError
+    from metaloop.train import Trainer
+
+    with pytest.raises(ConfigError, match="train.on_nonfinite must be one of stop, skip, lower_lr"):
+        Trainer(tiny_config(image_folder, tmp_path / "run", "train.on_nonfinite=ignore"), progress=False)

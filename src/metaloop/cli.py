@@ -11,6 +11,7 @@ from metaloop import distributed
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import ConfigError, apply_overrides, config_from_dict, load_config
+from metaloop.train import TrainingDiverged
 
 EXAMPLES = """examples:
   metaloop train                                        # ProtoNet on the embedded glyph set (no download)
@@ -28,6 +29,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
+    if args.device:
+        overrides.append(f"device={args.device}")
     if args.resume:
         if args.config:
             raise ConfigError(
@@ -59,7 +62,8 @@ def _eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.test_split={args.split}")
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    overrides.append(f"device={args.device}")
+    if args.device:
+        overrides.append(f"device={args.device}")
     config = config_from_dict(apply_overrides(state["config"], overrides))
     if args.inner_steps is not None:
         if "eval_inner_steps" not in state["hparams"]:
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     train.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
+    train.add_argument("--device", help="cpu | cuda | auto (default auto: cuda when a GPU is visible)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 
@@ -152,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
     ev.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
-    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--device", help="cpu | cuda | auto (default: the run's device setting)")
     ev.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=_eval)
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
+        return 3
     except distributed.DistributedError as error:  # its message names the rank
         print(f"metaloop {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -67,6 +67,9 @@ class TrainConfig:
     val_episodes: int = 200
     checkpoint_every: int = 200
     early_stop_patience: int | None = None  # validations without improvement before stopping
+    keep_checkpoints: int = 2  # step-NNNNNNN.pt files kept besides last.pt (0: last.pt only)
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop | skip (the batch) | lower_lr (and skip)
+    nonfinite_lr_factor: float = 0.5  # on_nonfinite: lower_lr multiplies the learning rate by this
 
 
 @dataclass
@@ -89,7 +92,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     run_dir: str = "runs/default"
-    device: str = "cpu"
+    device: str = "auto"  # cpu | cuda | auto (cuda when a GPU is visible)
     dist_timeout_s: float = 120.0  # torchrun: a rank waiting longer than this for a peer stops with an error
 
     def to_dict(self) -> dict[str, Any]:

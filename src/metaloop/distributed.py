@@ -71,8 +71,10 @@ def is_main() -> bool:
 
 
 def local_device(device: str | torch.device) -> torch.device:
-    """The device this rank computes on: ``cuda:$LOCAL_RANK`` for a CUDA run under torchrun
-    (one GPU per rank), else ``device`` itself."""
+    """The device this rank computes on: ``"auto"`` is ``cuda`` when a GPU is visible, else
+    ``cpu``; a CUDA run under torchrun uses ``cuda:$LOCAL_RANK`` (one GPU per rank)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and launched():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from metaloop.config import Config, ConfigError, config_from_dict, config_to_yam
 from metaloop.data import load_dataset
 from metaloop.data.base import ClassImages
 from metaloop.evaluate import EvalResult, Sampler, evaluate
-from metaloop.fileio import atomic_write_bytes
+from metaloop.fileio import atomic_link, atomic_write_bytes
 from metaloop.tasks.episodes import EpisodeSampler
 from metaloop.tasks.sinusoid import SinusoidTasks
 
@@ -118,6 +119,13 @@ def learner_from_checkpoint(state: dict[str, Any]) -> MetaLearner:
     return learner
 
 
+NONFINITE_ACTIONS = ("stop", "skip", "lower_lr")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient with ``train.on_nonfinite: stop``."""
+
+
 @dataclass
 class RunState:
     """What the loop carries between steps, saved in ``last.pt`` for an exact resume."""
@@ -135,6 +143,13 @@ class Trainer:
 
     def __init__(self, config: Config, progress: bool = True) -> None:
         check_world(config)
+        if config.train.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ConfigError(
+                f"train.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, "
+                f"got {config.train.on_nonfinite!r}"
+            )
+        if config.train.keep_checkpoints < 0:
+            raise ConfigError(f"train.keep_checkpoints must be >= 0, got {config.train.keep_checkpoints}")
         self.config = config
         self.progress = progress and distributed.is_main()
         self.run_dir = Path(config.run_dir)
@@ -165,8 +180,9 @@ class Trainer:
         if not distributed.is_main():
             return
         s = self.state
+        last = self.run_dir / "last.pt"
         save_checkpoint(
-            self.run_dir / "last.pt",
+            last,
             {
                 "algorithm": self.learner.name,
                 "hparams": self.learner.hparams,
@@ -186,6 +202,11 @@ class Trainer:
                 },
             },
         )
+        keep = self.config.train.keep_checkpoints
+        if keep > 0:  # keep-last-k: step-NNNNNNN.pt names for the k newest checkpoints
+            atomic_link(last, self.run_dir / f"step-{s.step:07d}.pt")
+            for old in sorted(self.run_dir.glob("step-*.pt"))[:-keep]:
+                old.unlink()
 
     def _save_best(self, val: EvalResult) -> None:
         if not distributed.is_main():
@@ -290,9 +311,43 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics = distributed.average_gradients_(self.learner, metrics)
-        self.optimizer.step()
+        bad = self.nonfinite(metrics)
+        if bad is None:
+            self.optimizer.step()
         self.scheduler.step()
-        return metrics
+        return metrics, bad
+
+    def nonfinite(self, metrics: dict[str, float]) -> str | None:
+        """What went non-finite in this step (the loss, or a named gradient), else None.
+
+        Gradients are checked after averaging over ranks, so every rank decides the same way.
+        """
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            return "loss"
+        for name, parameter in self.learner.named_parameters():
+            if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+                return f"gradient of {name}"
+        return None
+
+    def handle_nonfinite(self, bad: str) -> None:
+        """Apply ``train.on_nonfinite`` to a step whose ``bad`` quantity was NaN or infinite.
+
+        The step's update was not applied. ``stop`` raises :class:`TrainingDiverged` before
+        anything more is written, so ``last.pt`` and ``best.pt`` stay the last good ones.
+        """
+        t, s = self.config.train, self.state
+        record = {"step": s.step, "event": "nonfinite", "what": bad, "action": t.on_nonfinite}
+        if t.on_nonfinite == "lower_lr":
+            for group in self.optimizer.param_groups:
+                group["lr"] *= t.nonfinite_lr_factor
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._log(record)
+        if t.on_nonfinite == "stop":
+            raise TrainingDiverged(
+                f"step {s.step}: non-finite {bad}; training stopped and {self.run_dir / 'last.pt'} "
+                "still holds the last good checkpoint. Lower train.lr, or set train.on_nonfinite=skip or "
+                f"lower_lr to drop such batches, then continue with --resume {self.run_dir}"
+            )
 
     def fit(self) -> None:
         """Run outer steps until ``train.steps`` or early stopping."""
@@ -300,14 +355,17 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=s.step, desc="meta-train", unit="step", disable=not self.progress)
         while s.step < t.steps:
             started = time.perf_counter()
-            metrics = self.train_step()
+            metrics, bad = self.train_step()
             s.train_seconds += time.perf_counter() - started
             s.step += 1
             bar.update(1)
-            for key, value in metrics.items():
-                s.window[key] = s.window.get(key, 0.0) + value
-            s.window_steps += 1
-            if s.step % t.log_every == 0 or s.step == t.steps:
+            if bad is not None:
+                self.handle_nonfinite(bad)
+            else:
+                for key, value in metrics.items():
+                    s.window[key] = s.window.get(key, 0.0) + value
+                s.window_steps += 1
+            if (s.step % t.log_every == 0 or s.step == t.steps) and s.window_steps:
                 averages = {f"train_{k}": v / s.window_steps for k, v in s.window.items()}
                 self._log(
                     {
