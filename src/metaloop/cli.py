@@ -11,6 +11,8 @@ from metaloop import distributed
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import ConfigError, apply_overrides, config_from_dict, load_config
+from metaloop.data.download import DownloadError
+from metaloop.data.omniglot import OmniglotError
 from metaloop.train import TrainingDiverged
 
 EXAMPLES = """examples:
@@ -181,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.handler(args)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+        DownloadError,
+        OmniglotError,
+    ) as error:
         print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

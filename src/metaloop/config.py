@@ -148,9 +148,33 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**values)
 
 
+# Keys that must be at least this large for a run to make sense.
+MINIMUMS = {
+    "train.shots": 1,
+    "train.queries": 1,
+    "train.meta_batch_size": 1,
+    "train.steps": 1,
+    "train.log_every": 1,
+    "train.val_every": 1,
+    "train.val_episodes": 2,
+    "train.checkpoint_every": 1,
+    "eval.shots": 1,
+    "eval.queries": 1,
+    "eval.episodes": 2,
+    "eval.batch_size": 1,
+    "data.image_size": 8,
+}
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """A validated :class:`Config` from nested dicts; missing keys take their defaults."""
-    return _from_dict(Config, data, "")
+    config = _from_dict(Config, data, "")
+    for key, least in MINIMUMS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}, got {value}")
+    return config
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
