@@ -132,6 +132,8 @@ def process_group(device: str | torch.device, timeout_s: float = DEFAULT_TIMEOUT
         failed = False
     finally:
         try:
+            if not failed:  # leave together: a rank tearing gloo down while a peer still talks aborts
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # after a failed collective the group may be unusable; keep that error
             if not failed:
