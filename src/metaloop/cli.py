@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -181,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    code = _handle(args)
+    if distributed.launched():
+        # One of several torchrun processes: its work is done and the group is gone (or broken).
+        # gloo's C++ teardown at interpreter exit can abort a finished process ("terminate called
+        # without an active exception", seen under load), so leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _handle(args: argparse.Namespace) -> int:
+    """Run the command; expected errors become one line on stderr and an exit code."""
     try:
         return args.handler(args)
     except (
