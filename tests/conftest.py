@@ -42,6 +42,31 @@ def write_image_folder(root: Path, dataset: ClassImages) -> Path:
     return root
 
 
+def tiny_cli_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``--set`` arguments for a seconds-long ProtoNet run on an image folder (3-way, hidden 8)."""
+    sets = [
+        "data.name=folder",
+        f"data.root={root}",
+        "algorithm.hidden=8",
+        "train.ways=3",
+        "train.queries=2",
+        "train.steps=4",
+        "train.val_every=2",
+        "train.val_episodes=5",
+        "eval.ways=3",
+        "eval.queries=3",
+        "eval.episodes=10",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+@pytest.fixture(name="tiny_cli_args", scope="session")
+def tiny_cli_args_fixture():
+    return tiny_cli_args
+
+
 @pytest.fixture
 def class_images() -> ClassImages:
     return make_class_images()

@@ -22,29 +22,10 @@ def snapshot(*folders):
     }
 
 
-def tiny(root, run_dir, *extra):
-    sets = [
-        "data.name=folder",
-        f"data.root={root}",
-        "algorithm.hidden=8",
-        "train.ways=3",
-        "train.queries=2",
-        "train.steps=4",
-        "train.val_every=2",
-        "train.val_episodes=4",
-        "eval.ways=3",
-        "eval.queries=3",
-        "eval.episodes=6",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
-    return [arg for s in sets for arg in ("--set", s)]
-
-
 @pytest.fixture(scope="module")
-def trained_run(image_folder, tmp_path_factory):
+def trained_run(tiny_cli_args, image_folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", "--no-progress", *tiny(image_folder, run_dir)]) == 0
+    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, run_dir)]) == 0
     return run_dir
 
 
@@ -87,8 +68,8 @@ def test_eval_of_a_file_that_is_not_a_metaloop_checkpoint(tmp_path, capsys):
     fails_cleanly(["eval", "--checkpoint", str(foreign)], "is not a metaloop checkpoint", capsys, tmp_path)
 
 
-def test_a_run_folder_is_never_overwritten(trained_run, image_folder, capsys):
-    argv = ["train", *tiny(image_folder, trained_run)]
+def test_a_run_folder_is_never_overwritten(tiny_cli_args, trained_run, image_folder, capsys):
+    argv = ["train", *tiny_cli_args(image_folder, trained_run)]
     fails_cleanly(argv, "already holds a run; continue it with --resume", capsys, trained_run)
 
 
@@ -103,9 +84,11 @@ def test_a_run_folder_is_never_overwritten(trained_run, image_folder, capsys):
         ("train.meta_batch_size=0", "train.meta_batch_size must be at least 1, got 0"),
     ],
 )
-def test_bad_configs_fail_before_anything_is_written(image_folder, tmp_path, capsys, override, message):
+def test_bad_configs_fail_before_anything_is_written(
+    tiny_cli_args, image_folder, tmp_path, capsys, override, message
+):
     run_dir = tmp_path / "run"
-    fails_cleanly(["train", *tiny(image_folder, run_dir, override)], message, capsys, image_folder)
+    fails_cleanly(["train", *tiny_cli_args(image_folder, run_dir, override)], message, capsys, image_folder)
     assert not run_dir.exists()
 
 
@@ -128,17 +111,17 @@ def blank(size=28):
         ({"only": [blank()] * 5}, "at least 2"),
     ],
 )
-def test_bad_image_folders(tmp_path, capsys, layout, message):
+def test_bad_image_folders(tiny_cli_args, tmp_path, capsys, layout, message):
     root = make_folder(tmp_path / "images", layout)
-    argv = ["train", *tiny(root, tmp_path / "run", "data.train_split=all", "data.val_split=all")]
+    argv = ["train", *tiny_cli_args(root, tmp_path / "run", "data.train_split=all", "data.val_split=all")]
     fails_cleanly(argv, message, capsys, root)
     assert not (tmp_path / "run").exists()
 
 
-def test_unreadable_image_is_named(tmp_path, capsys):
+def test_unreadable_image_is_named(tiny_cli_args, tmp_path, capsys):
     root = make_folder(tmp_path / "images", {"a": [blank()] * 4, "b": [blank(40)] * 4})
     (root / "b" / "broken.png").write_bytes(b"not a png")
-    argv = ["train", *tiny(root, tmp_path / "run", "data.train_split=all", "data.val_split=all")]
+    argv = ["train", *tiny_cli_args(root, tmp_path / "run", "data.train_split=all", "data.val_split=all")]
     err = fails_cleanly(argv, "broken.png", capsys, root)
     assert "b/broken.png" in err or "broken.png" in err
 

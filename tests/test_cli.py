@@ -5,26 +5,8 @@ import pytest
 from metaloop.cli import main
 
 
-def tiny_args(root, run_dir):
-    sets = [
-        "data.name=folder",
-        f"data.root={root}",
-        "algorithm.hidden=8",
-        "train.ways=3",
-        "train.queries=2",
-        "train.steps=4",
-        "train.val_every=2",
-        "train.val_episodes=5",
-        "eval.ways=3",
-        "eval.queries=3",
-        "eval.episodes=10",
-        f"run_dir={run_dir}",
-    ]
-    return [arg for s in sets for arg in ("--set", s)]
-
-
-def test_train_then_eval(image_folder, tmp_path, capsys):
-    assert main(["train", "--no-progress", *tiny_args(image_folder, tmp_path / "run")]) == 0
+def test_train_then_eval(tiny_cli_args, image_folder, tmp_path, capsys):
+    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "protonet on folder/test: 3-way 1-shot accuracy:" in out and "95% CI, 10 episodes" in out
     json_path = tmp_path / "eval.json"
@@ -46,8 +28,8 @@ def test_train_then_eval(image_folder, tmp_path, capsys):
     assert json.loads(json_path.read_text())["episodes"] == 12
 
 
-def test_resume_continues_and_extends(image_folder, tmp_path, capsys):
-    assert main(["train", "--no-progress", *tiny_args(image_folder, tmp_path / "run")]) == 0
+def test_resume_continues_and_extends(tiny_cli_args, image_folder, tmp_path, capsys):
+    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, tmp_path / "run")]) == 0
     assert main(["train", "--no-progress", "--resume", str(tmp_path / "run"), "--set", "train.steps=6"]) == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 6
@@ -68,8 +50,8 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_impossible_task_shape_fails_before_training(image_folder, tmp_path, capsys):
-    argv = ["train", *tiny_args(image_folder, tmp_path / "run"), "--set", "train.ways=50"]
+def test_impossible_task_shape_fails_before_training(tiny_cli_args, image_folder, tmp_path, capsys):
+    argv = ["train", *tiny_cli_args(image_folder, tmp_path / "run"), "--set", "train.ways=50"]
     assert main(argv) == 2
     assert "50-way tasks but folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
