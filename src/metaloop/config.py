@@ -67,6 +67,8 @@ class TrainConfig:
     val_episodes: int = 200
     checkpoint_every: int = 200
     early_stop_patience: int | None = None  # validations without improvement before stopping
+    precision: str = "fp32"  # fp32 | bf16: bf16 autocasts the meta-loss (inner and outer passes)
+    max_minutes: float | None = None  # wall-clock budget (training + validation); stops early when spent
     keep_checkpoints: int = 2  # step-NNNNNNN.pt files kept besides last.pt (0: last.pt only)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop | skip (the batch) | lower_lr (and skip)
     nonfinite_lr_factor: float = 0.5  # on_nonfinite: lower_lr multiplies the learning rate by this

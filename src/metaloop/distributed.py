@@ -212,6 +212,17 @@ def average_gradients_(module: torch.nn.Module, metrics: dict[str, float]) -> di
     return dict(zip(metrics, stats[len(params) :].tolist(), strict=True))
 
 
+def max_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
+    """The largest ``value`` any rank passes (``value`` itself in one process); ``device`` is
+    the rank's device (CUDA under nccl)."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    with _collective("agreeing on a value across ranks (all-reduce max)"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
 def broadcast_module_(module: torch.nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers (in place)."""
     if not active():

@@ -30,6 +30,7 @@ class CAVIA(GradientLearner):
     """
 
     name = "cavia"
+    bf16_safe = True
     defaults = {
         "conv4": {**GradientLearner.defaults["conv4"], "inner_lr": 1.0, "num_context_params": 100},
         "mlp": {**GradientLearner.defaults["mlp"], "inner_lr": 1.0, "num_context_params": 4},

@@ -165,6 +165,7 @@ class ANIL(MAML):
     """
 
     name = "anil"
+    bf16_safe = True
 
     def adapted_names(self) -> list[str]:
         """The head's parameters (see :func:`metaloop.nn.functional.head_names`)."""

@@ -84,6 +84,7 @@ class ProtoNet(MetaLearner):
     """
 
     name = "protonet"
+    bf16_safe = True
 
     def __init__(self, in_channels: int = 1, hidden: int = 64) -> None:
         super().__init__(in_channels=in_channels, hidden=hidden)

@@ -34,6 +34,7 @@ class Reptile(GradientLearner):
     """
 
     name = "reptile"
+    bf16_safe = True
     defaults = {
         "conv4": {
             **GradientLearner.defaults["conv4"],
