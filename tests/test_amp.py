@@ -15,7 +15,12 @@ AGREEMENT = 0.99  # least cosine similarity between the bf16 and float32 meta-gr
 
 def meta_gradient(name: str, batch, precision: str) -> torch.Tensor:
     torch.manual_seed(0)
-    hparams = {"hidden": 32} if name == "protonet" else {"backbone": "conv4", "hidden": 32, "ways": 5}
+    hparams = {
+        "protonet": {"hidden": 32},
+        "baseline": {"hidden": 32, "num_classes": 12},
+        "siamese": {"hidden": 32},
+        "attention": {"hidden": 32, "ways": 5},
+    }.get(name, {"backbone": "conv4", "hidden": 32, "ways": 5})
     learner = build_learner(name, **hparams)
     with autocast(torch.device("cpu"), precision):
         loss, _ = learner.meta_loss(batch)
@@ -55,7 +60,7 @@ def test_bf16_is_refused_for_maml_and_unknown_precisions(image_folder, tmp_path)
         "eval.queries=3",
         f"run_dir={tmp_path / 'r'}",
     ]
-    with pytest.raises(ConfigError, match="not offered for maml.*bf16 is offered for: anil, cavia"):
+    with pytest.raises(ConfigError, match="not offered for maml.*bf16 is offered for: .*protonet, reptile"):
         Trainer(load_config(overrides=[*base, "algorithm.name=maml", "train.precision=bf16"]), progress=False)
     with pytest.raises(ConfigError, match="train.precision must be one of fp32, bf16, got 'fp8'"):
         Trainer(load_config(overrides=[*base, "train.precision=fp8"]), progress=False)

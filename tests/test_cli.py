@@ -57,7 +57,7 @@ def test_impossible_task_shape_fails_before_training(tiny_cli_args, image_folder
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["data"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"], ["data"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

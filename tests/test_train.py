@@ -1,11 +1,12 @@
 import json
+import math
 
 import pytest
 import torch
 
 from metaloop.checkpoint import CheckpointError, load_checkpoint
-from metaloop.config import load_config
-from metaloop.train import learner_from_checkpoint, run
+from metaloop.config import ConfigError, load_config
+from metaloop.train import TaskSource, Trainer, learner_from_checkpoint, run
 
 
 def tiny_config(root, run_dir, *extra):
@@ -46,6 +47,10 @@ def test_run_writes_its_files_and_a_sane_result(image_folder, tmp_path):
     assert 0.0 <= result.mean <= 1.0 and result.ci95 >= 0.0
     steps = [r["step"] for r in metric_lines(tmp_path / "run")]
     assert steps == [3, 6, 6, 9, 12, 12]  # train lines every 3 steps, validation at 6 and 12
+    records = metric_lines(tmp_path / "run")
+    for before, val in zip(records, records[1:], strict=False):
+        if "val_accuracy" in val:  # the meta-overfitting gap: last train accuracy minus val accuracy
+            assert val["gap"] == pytest.approx(before["train_accuracy"] - val["val_accuracy"])
 
 
 def test_same_seed_same_numbers(image_folder, tmp_path):
@@ -220,3 +225,70 @@ def test_time_budget_stops_early_validates_and_resumes_within_it(image_folder, t
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["steps"] == 1 and result["wall_seconds"] >= result["train_seconds"] > 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")["run_state"]["step"] == 1
+
+
+@pytest.mark.parametrize("name", ["protonet", "baseline", "siamese"])
+def test_training_never_sees_a_meta_test_image(image_folder, tmp_path, tiny_cli_args, monkeypatch, name):
+    """Every image a training step receives is one of the meta-train split's, with its class
+    (the transfer baseline's pretraining and the Siamese pairs included)."""
+    args = tiny_cli_args(image_folder, tmp_path / "run", f"algorithm.name={name}", "train.steps=6")
+    config = load_config(overrides=args[1::2])
+    trainer = Trainer(config, progress=False)
+    seen = []
+    original = trainer.learner.meta_loss
+
+    def recording(batch):
+        seen.append(batch)
+        return original(batch)
+
+    monkeypatch.setattr(trainer.learner, "meta_loss", recording)
+    trainer.start()
+    trainer.fit()
+    assert len(seen) == 6
+    tasks = TaskSource(config)
+    train, test = tasks.dataset("train"), tasks.dataset("test")
+    train_flat = train.images.float().div(255).flatten(1)
+    test_flat = test.images.float().div(255).flatten(1)
+    row_class = torch.repeat_interleave(torch.arange(train.num_classes), train.class_sizes)
+    for batch in seen:
+        images = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1).flatten(1)  # [B, pixels]
+        labels = batch.classes.gather(1, torch.cat([batch.support_y, batch.query_y], 1)).flatten()
+        matches = (images[:, None] == train_flat[None]).all(-1)  # [B, train rows]
+        assert matches.any(1).all()  # every image is a meta-train image ...
+        assert (row_class[matches.float().argmax(1)] == labels).all()  # ... labelled with its class
+        assert not (images[:, None] == test_flat[None]).all(-1).any()  # and none is a meta-test image
+
+
+@pytest.mark.parametrize("name", ["protonet", "maml"])
+def test_variable_way_shot_episodes_from_a_mixture_train(image_folder, tmp_path, tiny_cli_args, name):
+    """2..4-way 1..2-shot tasks, each from the image folder or the generated glyphs."""
+    extra = [f"algorithm.name={name}", "data.name=folder+glyphs", f"data.data_dir={tmp_path / 'data'}"]
+    extra += ["train.ways=2", "train.max_ways=4", "train.max_shots=2", "train.meta_batch_size=4"]
+    config = load_config(overrides=tiny_cli_args(image_folder, tmp_path / "run", *extra)[1::2])
+    trainer = Trainer(config, progress=False)
+    shapes = set()
+    original = trainer.learner.meta_loss
+
+    def recording(batch):
+        shapes.add((batch.ways, batch.support_y.shape[1] // batch.ways))
+        return original(batch)
+
+    trainer.learner.meta_loss = recording
+    trainer.start()
+    trainer.fit()
+    assert len(shapes) > 2 and all(2 <= w <= 4 and 1 <= s <= 2 for w, s in shapes)
+    losses = [r["train_loss"] for r in metric_lines(tmp_path / "run") if "train_loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert trainer.learner.hparams.get("ways", 4) == 4  # MAML's head has max_ways outputs
+
+
+def test_train_classes_keeps_a_seeded_pick_of_meta_train_classes_only(image_folder, tmp_path, tiny_cli_args):
+    args = tiny_cli_args(image_folder, tmp_path / "run", "data.train_classes=5")[1::2]
+    tasks = TaskSource(load_config(overrides=args))
+    full = TaskSource(load_config(overrides=args[:-1]))
+    picked = tasks.dataset("train")
+    assert picked.num_classes == 5 and set(picked.class_names) <= set(full.dataset("train").class_names)
+    assert tasks.dataset("test").class_names == full.dataset("test").class_names  # other splits untouched
+    assert TaskSource(load_config(overrides=args)).dataset("train").class_names == picked.class_names
+    with pytest.raises(ConfigError, match="data.train_classes must be between 2 and the 21 classes"):
+        TaskSource(load_config(overrides=[*args, "data.train_classes=22"])).dataset("train")

@@ -1,4 +1,4 @@
-"""Command line: ``metaloop train | eval | data``. Run ``metaloop <command> --help`` for details."""
+"""Command line: ``metaloop train | eval | compare | predict | data``; ``--help`` on each explains it."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from metaloop import distributed
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint
-from metaloop.config import ConfigError, apply_overrides, config_from_dict, load_config
+from metaloop.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from metaloop.data.download import DownloadError
 from metaloop.data.omniglot import OmniglotError
 from metaloop.train import TrainingDiverged
@@ -21,6 +22,9 @@ EXAMPLES = """examples:
   metaloop train --config configs/protonet_omniglot_5w1s.yaml --set train.steps=2000
   metaloop train --resume runs/protonet_omniglot_5w1s   # continue an interrupted run
   metaloop eval --checkpoint runs/protonet_omniglot_5w1s --ways 20 --shots 1
+  metaloop eval --checkpoint runs/protonet_omniglot_5w1s --attack pgd --epsilon 0.1   # robustness
+  metaloop compare runs/protonet_omniglot_5w1s configs/maml_omniglot_5w1s.yaml --out cmp   # same episodes
+  metaloop predict --checkpoint runs/default --support my_support --query my_queries --out predictions.csv
   metaloop data prepare omniglot                        # download + verify into $METALOOP_DATA
   torchrun --nproc-per-node 2 -m metaloop train --config configs/maml_omniglot_5w1s.yaml   # 2 processes
 """
@@ -72,6 +76,10 @@ def _eval(args: argparse.Namespace) -> int:
         if "eval_inner_steps" not in state["hparams"]:
             raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
         state["hparams"]["eval_inner_steps"] = args.inner_steps
+    if args.attack is not None:
+        return _eval_attack(args, state, config)
+    if args.epsilon is not None or args.attack_steps is not None:
+        raise ConfigError("--epsilon and --attack-steps set up an attack: add --attack fgsm or --attack pgd")
     with distributed.process_group(config.device, config.dist_timeout_s):  # torchrun: shard the episodes
         learner = learner_from_checkpoint(state).to(distributed.local_device(config.device))
         result = test_learner(config, learner, progress=not args.no_progress)
@@ -85,9 +93,104 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_attack(args: argparse.Namespace, state: dict[str, Any], config: Config) -> int:
+    """``eval --attack``: clean and adversarial accuracy ± 95% CI over the same test episodes."""
+    from metaloop.attacks import check_attack
+    from metaloop.robustness import evaluate_under_attack
+    from metaloop.train import TaskSource, learner_from_checkpoint
+
+    if args.epsilon is None:
+        raise ConfigError(
+            f"--attack {args.attack} needs --epsilon, the L-infinity radius in (0, 1], e.g. --epsilon 0.1"
+        )
+    if args.attack_steps is not None and args.attack != "pgd":
+        raise ConfigError(f"--attack-steps sets the steps of --attack pgd; {args.attack} takes one step")
+    steps = 10 if args.attack_steps is None else args.attack_steps
+    check_attack(args.attack, args.epsilon, steps)
+    if config.data.name == "sinusoid":
+        raise ConfigError("--attack applies to image classification; this run is sinusoid regression")
+    ev, split = config.eval, config.data.test_split
+    with distributed.process_group(config.device, config.dist_timeout_s):  # torchrun: shard the episodes
+        device = distributed.local_device(config.device)
+        learner = learner_from_checkpoint(state).to(device)
+        sampler = TaskSource(config).sampler(split, ev.ways, ev.shots, ev.queries, seed=ev.seed)
+        clean, adversarial = evaluate_under_attack(
+            learner,
+            sampler,
+            args.attack,
+            args.epsilon,
+            steps,
+            ev.episodes,
+            ev.batch_size,
+            device,
+            progress=not args.no_progress,
+            seed=ev.seed,
+        )
+    if not distributed.is_main():
+        return 0
+    attack = {"name": args.attack, "epsilon": args.epsilon, "steps": steps if args.attack == "pgd" else 1}
+    where = f"{state['algorithm']} on {config.data.name}/{config.data.test_split}"
+    pgd_steps = f", {steps} steps" if args.attack == "pgd" else ""
+    print(f"{where}, clean queries: {clean}")
+    print(f"{where}, {args.attack} (ε = {args.epsilon}{pgd_steps}): {adversarial}")
+    if args.json:
+        record = {"attack": attack, "clean": clean.to_dict(), "adversarial": adversarial.to_dict()}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from metaloop.compare import compare
+    from metaloop.comparison_report import write_comparison_report
+
+    budget = [f"train.steps={args.steps}"] if args.steps is not None else []
+    if args.minutes is not None:
+        budget.append(f"train.max_minutes={args.minutes}")
+    if args.train and not budget:
+        raise ConfigError(
+            "--train trains every recipe under one budget: give --steps N (train.steps) and/or --minutes M "
+            "(train.max_minutes, a wall-clock limit)"
+        )
+    if budget and not args.train:
+        raise ConfigError("--steps and --minutes are the training budget of --train: add --train")
+    comparison = compare(
+        args.learners,
+        args.out,
+        ways=args.ways,
+        shots=args.shots,
+        queries=args.queries,
+        episodes=args.episodes,
+        seed=args.seed,
+        train_overrides=budget if args.train else None,
+        reference=args.reference,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    json_path, markdown_path = write_comparison_report(comparison, args.out)
+    print(f"{len(comparison['learners'])} learners compared: {markdown_path}, {json_path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from metaloop.predict import FewShotPredictor, predictions_csv, write_predictions_csv
+
+    model = FewShotPredictor.from_run(args.checkpoint, invert=args.invert, device=args.device)
+    predictions = model.fit_support(args.support).predict(args.query)
+    if args.out:
+        write_predictions_csv(predictions, model.class_names, args.out)
+        print(
+            f"{len(predictions)} queries, {len(model.class_names)} classes: predictions in {args.out}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(predictions_csv(predictions, model.class_names))
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from metaloop.data import DATASETS
     from metaloop.data.base import default_data_dir
+    from metaloop.data.miniimagenet import miniimagenet_status
     from metaloop.data.omniglot import prepare_omniglot, verify_omniglot
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -98,8 +201,10 @@ def _data(args: argparse.Namespace) -> int:
             status = {True: "present", False: "absent (metaloop data prepare omniglot)", None: "built in"}[
                 present
             ]
-            print(f"  {name:10s} {status}")
-        print(f"  {'sinusoid':10s} built in (regression tasks)")
+            if name == "miniimagenet":
+                status = miniimagenet_status(data_dir)
+            print(f"  {name:12s} {status}")
+        print(f"  {'sinusoid':12s} built in (regression tasks)")
         return 0
     if args.name != "omniglot":
         raise ConfigError(
@@ -161,9 +266,85 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
     ev.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
     ev.add_argument("--device", help="cpu | cuda | auto (default: the run's device setting)")
-    ev.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    ev.add_argument(
+        "--attack",
+        metavar="NAME",
+        help="fgsm | pgd: also attack each episode's queries (white box, against the predictor adapted "
+        "on the clean support set) and report clean and adversarial accuracy over the same episodes",
+    )
+    ev.add_argument("--epsilon", type=float, help="--attack: L-infinity radius in (0, 1], pixel units")
+    ev.add_argument("--attack-steps", type=int, help="--attack pgd: gradient steps (default 10)")
+    ev.add_argument("--json", metavar="FILE", help="also write the result as JSON (with --attack: both)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=_eval)
+
+    co = commands.add_parser(
+        "compare",
+        help="test several learners on the same seeded episodes, with paired differences",
+        description="Test every learner on the same seeded test episodes for each --ways x --shots cell and "
+        "write OUT/comparison.json and OUT/comparison.md: mean accuracy ± 95%% CI per cell, differences "
+        "against the reference with 95%% CIs from the per-episode differences, accuracy vs shots and vs "
+        "ways, training cost, and plots (accuracy vs shots with CI bands, every run's learning curves). "
+        "Learners with a fixed output layer (MAML, Reptile, CAVIA, ADML, attention, ...) are tested at "
+        "their own number of ways only. Runs must share one test set (dataset, test split, image size).",
+    )
+    co.add_argument(
+        "learners",
+        nargs="+",
+        metavar="RUN_OR_RECIPE",
+        help="a run folder holding best.pt, or a recipe YAML (its finished run at run_dir, or with --train "
+        "trained into OUT/runs/<name>)",
+    )
+    co.add_argument("--out", required=True, metavar="DIR", help="folder for the comparison's files")
+    co.add_argument("--ways", type=int, nargs="+", default=[5, 20], help="ways of the cells (default 5 20)")
+    co.add_argument(
+        "--shots", type=int, nargs="+", default=[1, 2, 5, 10], help="shots of the cells (default 1 2 5 10)"
+    )
+    co.add_argument(
+        "--queries",
+        type=int,
+        default=15,
+        help="queries per class (default 15; fewer where shots + queries exceed the smallest test class)",
+    )
+    co.add_argument("--episodes", type=int, default=1000, help="test episodes per cell (default 1000)")
+    co.add_argument("--seed", type=int, default=1234, help="seed of the test episodes (default 1234)")
+    co.add_argument(
+        "--reference", metavar="NAME", help="learner the differences are taken against (default: first)"
+    )
+    co.add_argument(
+        "--train",
+        action="store_true",
+        help="train the recipes first, all under one budget (--steps and/or --minutes; run folders are "
+        "used as they are); a finished run of the same configuration in OUT/runs is reused, an "
+        "interrupted one resumed",
+    )
+    co.add_argument("--steps", type=int, help="--train: outer steps of every recipe (sets train.steps)")
+    co.add_argument(
+        "--minutes", type=float, help="--train: wall-clock minutes for every recipe (sets train.max_minutes)"
+    )
+    co.add_argument("--device", help="cpu | cuda | auto (default: the first run's device setting)")
+    co.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
+    co.set_defaults(handler=_compare)
+
+    pr = commands.add_parser(
+        "predict",
+        help="classify your own images with a trained model and a support folder",
+        description="Adapt a trained classifier to SUPPORT/<class_name>/<images> and classify the query "
+        "images (files, or every image below a folder). Writes CSV: path, predicted class, then one "
+        "column p_<class> per support class (softmax probabilities), one row per query in sorted path "
+        "order. Images are converted as the training images were (the run's image size and channels).",
+    )
+    pr.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses best.pt)")
+    pr.add_argument("--support", required=True, metavar="DIR", help="folder of class folders of images")
+    pr.add_argument("--query", required=True, nargs="+", metavar="PATH", help="query image files or folders")
+    pr.add_argument("--out", metavar="FILE.csv", help="write the CSV here (atomically); default: stdout")
+    pr.add_argument(
+        "--invert",
+        action="store_true",
+        help="use 255 - pixel: dark ink on light paper with a model trained on Omniglot or glyphs",
+    )
+    pr.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    pr.set_defaults(handler=_predict)
 
     data = commands.add_parser(
         "data",

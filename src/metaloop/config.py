@@ -24,7 +24,7 @@ class AlgorithmConfig:
     a key set for a learner that has no such hyper-parameter is an error.
     """
 
-    name: str = "protonet"  # protonet | maml | fomaml | metasgd | anil | reptile | cavia
+    name: str = "protonet"  # see metaloop.algorithms.LEARNERS (metaloop train --help lists them)
     backbone: str | None = None  # conv4 (images) | mlp (regression), gradient-based learners
     hidden: int | None = None  # filters per Conv-4 layer (64) or MLP width (40)
     inner_lr: float | None = None  # α
@@ -35,17 +35,31 @@ class AlgorithmConfig:
     num_context_params: int | None = None  # CAVIA
     alpha_low: float | None = None  # Meta-SGD: α initialised uniformly in [alpha_low, alpha_high]
     alpha_high: float | None = None
+    attack: str | None = None  # ADML: fgsm | pgd, how its adversarial support and query images are made
+    epsilon: float | None = None  # ADML: L-infinity radius of that attack, pixel units of [0, 1] images
+    attack_steps: int | None = None  # ADML with attack: pgd, the attack's steps
+    head: str | None = None  # transfer baseline: linear (Baseline) | cosine (Baseline++)
+    scale: float | None = None  # cosine head: logits = scale * cosine similarity
+    finetune_steps: int | None = None  # transfer baseline: Adam steps fitting each task's head
+    finetune_lr: float | None = None
+    finetune_backbone: bool | None = None  # transfer baseline: fine-tune the embedding too, per task
+    loss: str | None = None  # siamese: bce (weighted L1 + sigmoid, Koch) | contrastive
+    margin: float | None = None  # siamese, contrastive loss: margin m
+    d_model: int | None = None  # attention (model-based learner): token width
+    layers: int | None = None  # attention: Transformer layers reading the support sequence
+    heads: int | None = None  # attention: heads per layer
 
 
 @dataclass
 class DataConfig:
     """Which dataset and which of its splits serve meta-train, meta-val and meta-test."""
 
-    name: str = "glyphs"  # glyphs | omniglot | folder | sinusoid (regression tasks, no dataset)
+    name: str = "glyphs"  # glyphs | omniglot | folder | miniimagenet | sinusoid (regression tasks, no images)
     image_size: int = 28
     data_dir: str | None = None  # default: $METALOOP_DATA or ~/.cache/metaloop
     root: str | None = None  # image folder root (name: folder)
     train_split: str = "train"
+    train_classes: int | None = None  # meta-train on this many of the train split's classes (seeded pick)
     val_split: str = "val"
     test_split: str = "test"
 
@@ -58,6 +72,9 @@ class TrainConfig:
     shots: int = 1
     queries: int = 5
     meta_batch_size: int = 1  # tasks per outer step
+    max_ways: int | None = None  # variable-way episodes: ways drawn per task in [ways, max_ways]
+    max_shots: int | None = None  # variable-shot episodes: shots drawn per task in [shots, max_shots]
+    augment: str = "none"  # training tasks: none | rot90 | shift | rot90+shift (metaloop.tasks.augment)
     steps: int = 600  # outer steps
     lr: float = 0.001
     lr_decay_every: int = 2000  # steps between learning-rate decays (Snell et al.: halve every 2000)

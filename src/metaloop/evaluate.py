@@ -1,12 +1,14 @@
 """Evaluation on fixed-seed test episodes: mean accuracy with a 95% confidence interval.
 
 Under torchrun the episodes are sharded over the ranks and the per-episode values gathered
-(:func:`episode_metrics`): every rank gets the result one process would compute.
+(:func:`sharded_episode_values`): every rank gets the result one process would compute.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,9 +17,10 @@ from tqdm.auto import tqdm
 from metaloop import distributed
 from metaloop.algorithms.base import MetaLearner
 from metaloop.tasks.episodes import EpisodeSampler, TaskBatch
+from metaloop.tasks.heterogeneous import MixedEpisodeSampler, TaskGroups, Tasks
 from metaloop.tasks.sinusoid import SinusoidTasks
 
-Sampler = EpisodeSampler | SinusoidTasks
+Sampler = EpisodeSampler | MixedEpisodeSampler | SinusoidTasks
 
 
 @dataclass
@@ -77,6 +80,57 @@ def per_task_metric(predictions: torch.Tensor, batch: TaskBatch) -> torch.Tensor
     return (predictions.argmax(-1) == batch.query_y).float().mean(1)
 
 
+EpisodeValues = Callable[[Tasks, range], torch.Tensor]
+"""``values(batch, numbers)``: float ``[T, K]``, K values for each of the T tasks of ``batch``, which
+are the episodes numbered ``numbers`` (0-based positions in the evaluation's stream of episodes)."""
+
+
+def sharded_episode_values(
+    values: EpisodeValues,
+    columns: int,
+    sampler: Sampler,
+    episodes: int,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
+    """``values`` of each of the next ``episodes`` tasks of ``sampler``: float ``[episodes, columns]``.
+
+    Under torchrun (W ranks) the episodes are drawn in chunks of ``W * batch_size``; every rank
+    draws each chunk (the same seeded stream), evaluates its :func:`~metaloop.distributed.shard`
+    of it, and the values are gathered, so every rank returns the same values in the same order
+    as one process. Progress is shown on rank 0 only.
+    """
+    chunks = []  # this rank's values of each chunk, [len(shard), columns] each
+    world = distributed.world_size() if distributed.active() else 1
+    show = progress and distributed.is_main()
+    with tqdm(total=episodes, desc="evaluate", unit="episode", disable=not show, leave=False) as bar:
+        done = 0
+        while done < episodes:
+            size = min(batch_size * world, episodes - done)
+            keep = distributed.shard(size) if world > 1 else range(size)
+            batch = sampler.sample(size, keep=keep if world > 1 else None).to(device)
+            numbers = range(done + keep.start, done + keep.stop)
+            chunk = values(batch, numbers) if batch.num_tasks else torch.empty(0, columns)
+            chunks.append(chunk.cpu())
+            done += size
+            bar.update(size)
+    if world == 1:
+        return torch.cat(chunks)
+    return torch.stack([distributed.gather_chunks([c[:, j] for c in chunks]) for j in range(columns)], 1)
+
+
+@contextmanager
+def evaluation_mode(learner: MetaLearner) -> Iterator[None]:
+    """``learner`` in eval mode for the ``with`` block, then back in the mode it was in."""
+    was_training = learner.training
+    learner.eval()
+    try:
+        yield
+    finally:
+        learner.train(was_training)
+
+
 def episode_metrics(
     learner: MetaLearner,
     sampler: Sampler,
@@ -85,32 +139,16 @@ def episode_metrics(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Accuracy (or MSE) of ``learner`` on each of the next ``episodes`` tasks: float ``[episodes]``.
+    """Accuracy (or MSE) of ``learner`` on each of the next ``episodes`` tasks: float ``[episodes]``,
+    the same on every torchrun rank (see :func:`sharded_episode_values`)."""
 
-    Under torchrun (W ranks) the episodes are drawn in chunks of ``W * batch_size``; every rank
-    draws each chunk (the same seeded stream), evaluates its :func:`~metaloop.distributed.shard`
-    of it, and the values are gathered, so every rank returns the same ``[episodes]`` values in
-    the same order as one process. Progress is shown on rank 0 only.
-    """
-    was_training = learner.training
-    learner.eval()
-    chunks = []  # this rank's values of each chunk, [len(shard)] each
-    world = distributed.world_size() if distributed.active() else 1
-    show = progress and distributed.is_main()
-    try:
-        with tqdm(total=episodes, desc="evaluate", unit="episode", disable=not show, leave=False) as bar:
-            done = 0
-            while done < episodes:
-                size = min(batch_size * world, episodes - done)
-                keep = distributed.shard(size) if world > 1 else None
-                batch = sampler.sample(size, keep=keep).to(device)
-                values = per_task_metric(learner.predict(batch), batch) if batch.num_tasks else torch.empty(0)
-                chunks.append(values.cpu())
-                done += size
-                bar.update(size)
-    finally:
-        learner.train(was_training)
-    return distributed.gather_chunks(chunks) if world > 1 else torch.cat(chunks)
+    def values(tasks: Tasks, _: range) -> torch.Tensor:
+        if isinstance(tasks, TaskGroups):  # unequal shapes: each group on its own, back in draw order
+            return tasks.scatter(lambda group: per_task_metric(learner.predict(group), group)[:, None])
+        return per_task_metric(learner.predict(tasks), tasks)[:, None]
+
+    with evaluation_mode(learner):
+        return sharded_episode_values(values, 1, sampler, episodes, batch_size, device, progress)[:, 0]
 
 
 def evaluate(

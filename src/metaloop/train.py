@@ -16,7 +16,9 @@ import dataclasses
 import inspect
 import json
 import math
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from metaloop.data.base import ClassImages
 from metaloop.evaluate import EvalResult, Sampler, evaluate
 from metaloop.fileio import atomic_link, atomic_write_bytes
 from metaloop.tasks.episodes import EpisodeSampler
+from metaloop.tasks.heterogeneous import MixedEpisodeSampler, mean_over_tasks
 from metaloop.tasks.sinusoid import SinusoidTasks
 
 
@@ -41,44 +44,95 @@ class TaskSource:
     """Task samplers for the splits named in ``config.data``; each dataset split is loaded once.
 
     ``data.name: sinusoid`` gives regression tasks (:class:`SinusoidTasks`; the split only picks
-    the seed); every other name is a class-grouped image dataset cut into episodes.
+    the seed); every other name is a class-grouped image dataset cut into episodes, or a mixture
+    of them joined by ``+`` (``omniglot+glyphs``: each task from one of them, chosen uniformly).
+    With ``train.max_ways``/``train.max_shots``, ``train.augment`` (or a mixture) the training
+    episodes come from a :class:`MixedEpisodeSampler` and may differ in shape from task to task.
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._datasets: dict[str, ClassImages] = {}
+        self._datasets: dict[str, list[ClassImages]] = {}
 
     @property
     def regression(self) -> bool:
         return self.config.data.name == "sinusoid"
 
-    def dataset(self, split: str) -> ClassImages:
+    @property
+    def names(self) -> list[str]:
+        """The dataset names of ``data.name`` (several for a mixture)."""
+        return self.config.data.name.split("+")
+
+    def datasets(self, split: str) -> list[ClassImages]:
+        """The split of every dataset of ``data.name``."""
         if split not in self._datasets:
             data = self.config.data
-            self._datasets[split] = load_dataset(
-                data.name,
-                split,
-                image_size=data.image_size,
-                data_dir=data.data_dir,
-                seed=self.config.seed,
-                root=data.root,
-            )
+            self._datasets[split] = [
+                load_dataset(
+                    name,
+                    split,
+                    image_size=data.image_size,
+                    data_dir=data.data_dir,
+                    seed=self.config.seed,
+                    root=data.root,
+                )
+                for name in self.names
+            ]
+            keep = data.train_classes
+            if split == data.train_split and keep is not None:
+                self._datasets[split] = [self.fewer_classes(d, keep) for d in self._datasets[split]]
         return self._datasets[split]
 
-    def sampler(self, split: str, ways: int, shots: int, queries: int, seed: int) -> Sampler:
+    def fewer_classes(self, dataset: ClassImages, keep: int) -> ClassImages:
+        """``keep`` classes of ``dataset`` picked at random (seed ``config.seed``): scarce tasks."""
+        if not 2 <= keep <= dataset.num_classes:
+            raise ConfigError(
+                f"data.train_classes must be between 2 and the {dataset.num_classes} classes of "
+                f"{dataset.name}, got {keep}"
+            )
+        generator = torch.Generator().manual_seed(self.config.seed)
+        picked = torch.randperm(dataset.num_classes, generator=generator)[:keep].sort().values
+        return dataset.subset(picked.tolist(), name=f"{dataset.name}[{keep} classes]")
+
+    def dataset(self, split: str) -> ClassImages:
+        """The split of the first (or only) dataset."""
+        return self.datasets(split)[0]
+
+    def num_classes(self, split: str) -> int:
+        """Classes of ``split`` over the whole mixture."""
+        return sum(d.num_classes for d in self.datasets(split))
+
+    def sampler(
+        self,
+        split: str,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int,
+        max_ways: int | None = None,
+        max_shots: int | None = None,
+        augment: str = "none",
+    ) -> Sampler:
         if self.regression:
             return SinusoidTasks(shots, queries, seed)
+        varied = (max_ways or ways) != ways or (max_shots or shots) != shots or augment != "none"
+        if len(self.names) > 1 or varied:
+            return MixedEpisodeSampler(
+                self.datasets(split), ways, shots, queries, seed, max_ways, max_shots, augment
+            )
         return EpisodeSampler(self.dataset(split), ways, shots, queries, seed)
 
     def input_channels(self) -> int:
         return 1 if self.regression else self.dataset(self.config.data.train_split).image_shape[0]
 
 
-def learner_from_config(config: Config, in_channels: int) -> MetaLearner:
+def learner_from_config(config: Config, tasks: TaskSource) -> MetaLearner:
     """A freshly initialised learner, seeded by ``config.seed``.
 
-    Passes every ``algorithm`` key that is set, plus ``in_channels`` and (classification)
-    ``ways = train.ways`` or (regression) ``ways = 0`` where the learner takes them.
+    Passes every ``algorithm`` key that is set, plus, where the learner takes them,
+    ``in_channels``, ``image_size`` (``data.image_size``), ``num_classes`` (classes of the
+    meta-train split) and (classification) ``ways`` = the most ways a training task can have
+    (``train.max_ways`` or ``train.ways``) or (regression) ``ways = 0``.
     """
     algorithm = config.algorithm
     if algorithm.name not in LEARNERS:
@@ -95,13 +149,18 @@ def learner_from_config(config: Config, in_channels: int) -> MetaLearner:
     if "backbone" in accepted and "backbone" not in hparams:
         hparams["backbone"] = "mlp" if regression else "conv4"
     if "in_channels" in accepted:
-        hparams["in_channels"] = in_channels
+        hparams["in_channels"] = tasks.input_channels()
+    if "image_size" in accepted:
+        hparams["image_size"] = config.data.image_size
+    if "num_classes" in accepted:
+        hparams["num_classes"] = tasks.num_classes(config.data.train_split)
     if "ways" in accepted:
-        hparams["ways"] = 0 if regression else config.train.ways
-        if not regression and config.eval.ways != config.train.ways:
+        most = max(config.train.ways, config.train.max_ways or 0)
+        hparams["ways"] = 0 if regression else most
+        if not regression and config.eval.ways > most:
             raise ConfigError(
-                f"{algorithm.name} has a {config.train.ways}-way output layer, so eval.ways must equal "
-                f"train.ways = {config.train.ways}, got {config.eval.ways}"
+                f"{algorithm.name} has a {most}-way output layer (the most ways of a training task), so "
+                f"eval.ways must be at most {most}, got {config.eval.ways}"
             )
     torch.manual_seed(config.seed)
     return build_learner(algorithm.name, **hparams)
@@ -163,10 +222,17 @@ class Trainer:
         self.tasks = TaskSource(config)
         t = config.train
         self.sampler = self.tasks.sampler(
-            config.data.train_split, t.ways, t.shots, t.queries, seed=config.seed
+            config.data.train_split,
+            t.ways,
+            t.shots,
+            t.queries,
+            config.seed,
+            t.max_ways,
+            t.max_shots,
+            t.augment,
         )
         self.validate_sampler()  # constructing it checks the episode shape before any training happens
-        self.learner = learner_from_config(config, self.tasks.input_channels()).to(self.device)
+        self.learner = learner_from_config(config, self.tasks).to(self.device)
         if t.precision == "bf16" and not self.learner.bf16_safe:
             safe = ", ".join(sorted(name for name, cls in LEARNERS.items() if cls.bf16_safe))
             raise ConfigError(
@@ -322,7 +388,7 @@ class Trainer:
         keep = distributed.shard(size) if distributed.active() else None
         batch = self.sampler.sample(size, keep=keep).to(self.device)
         with autocast(self.device, self.config.train.precision):
-            loss, metrics = self.learner.meta_loss(batch)
+            loss, metrics = mean_over_tasks(batch, self.learner.meta_loss)  # tasks of unequal shapes: groups
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics = distributed.average_gradients_(self.learner, metrics)
@@ -373,6 +439,7 @@ class Trainer:
         """
         t, s = self.config.train, self.state
         bar = tqdm(total=t.steps, initial=s.step, desc="meta-train", unit="step", disable=not self.progress)
+        train_accuracy = None  # of the last logged window, for the meta-overfitting gap
         while s.step < t.steps:
             lap = time.perf_counter()
             metrics, bad = self.train_step()
@@ -398,6 +465,7 @@ class Trainer:
                     }
                 )
                 bar.set_postfix({k: f"{v:.3f}" for k, v in averages.items()})
+                train_accuracy = averages.get("train_accuracy")
                 s.window, s.window_steps = {}, 0
             stop = False
             if s.step % t.val_every == 0 or last:
@@ -415,6 +483,7 @@ class Trainer:
                         "wall_seconds": round(s.wall_seconds + time.perf_counter() - lap, 3),
                         f"val_{val.metric}": val.mean,
                         "best": improved,
+                        **self.overfitting_gap(train_accuracy, val),
                     }
                 )
                 patience = t.early_stop_patience
@@ -429,6 +498,14 @@ class Trainer:
             if stop or out_of_time:
                 break
         bar.close()
+
+    @staticmethod
+    def overfitting_gap(train_accuracy: float | None, val: EvalResult) -> dict[str, float]:
+        """``{"gap": train − val accuracy}`` (meta-overfitting shows as a growing gap), when both are
+        known; the train accuracy is on training episodes, which may have another shape."""
+        if train_accuracy is None or val.metric != "accuracy":
+            return {}
+        return {"gap": train_accuracy - val.mean}
 
     def budget_spent(self, wall_seconds: float) -> bool:
         """Whether ``train.max_minutes`` is set and ``wall_seconds`` (slowest rank) reached it."""
@@ -475,8 +552,35 @@ def check_world(config: Config) -> None:
         )
 
 
+def draw_learning_curve(run_dir: Path) -> None:
+    """Write ``learning_curve.png`` and ``.svg`` into a finished run's folder; never raises.
+
+    It runs after ``result.json`` is written, so a failure here loses no result, and it does not fail
+    the run: a plot is not worth a lost exit code after hours of training. It is not silent either.
+    Expected failures (``OSError``: disk full, read-only folder; ``ValueError``: a metrics log with
+    nothing to plot; ``ImportError``: a broken matplotlib) print one warning line; anything else is a
+    bug in metaloop and prints its full traceback as a warning, asking for a report. The tests check
+    that every run has its plot, so such a bug fails them. (Imported here: matplotlib takes a second
+    to load, which eval, predict and the other torchrun ranks need not pay.)
+    """
+    redo = f"redraw it with metaloop.report.write_learning_curve({str(run_dir)!r})"
+    try:
+        from metaloop.report import write_learning_curve
+
+        write_learning_curve(run_dir)
+    except (OSError, ValueError, ImportError) as error:
+        print(f"warning: learning curve not drawn: {error}; {redo}", file=sys.stderr)
+    except Exception:
+        print(
+            f"warning: learning curve not drawn because of a bug in metaloop (the run itself is complete; "
+            f"please report this):\n{traceback.format_exc()}{redo}",
+            file=sys.stderr,
+        )
+
+
 def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResult:
-    """Meta-train (or continue) a run, then meta-test its best model; writes ``result.json``.
+    """Meta-train (or continue) a run, then meta-test its best model; writes ``result.json`` and the
+    learning curve (:func:`draw_learning_curve`, which never fails the run).
 
     Launched by torchrun, joins the process group for the run (timeout ``dist_timeout_s``); every
     rank returns the same result.
@@ -499,6 +603,7 @@ def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResu
         }
         text = json.dumps(summary, indent=2) + "\n"
         distributed.on_main(lambda: atomic_write_bytes(trainer.run_dir / "result.json", text.encode()))
+        distributed.on_main(lambda: draw_learning_curve(trainer.run_dir))
     return result
 
 

@@ -175,7 +175,9 @@ def test_unknown_strategy_is_an_actionable_error():
 
 
 def test_wrong_ways_is_an_actionable_error():
-    with pytest.raises(ValueError, match="built for 3-way classification but the batch has ways = 4"):
+    with pytest.raises(
+        ValueError, match="built for classification of up to 3 ways but the batch has ways = 4"
+    ):
         small_learner("maml", "conv4").meta_loss(image_batch(ways=4))
 
 

@@ -32,6 +32,7 @@ def test_labels_follow_classes_and_support_query_disjoint(class_images):
     assert (support_classes == support_classes[:, :1]).all()  # one class per label
     assert (query_classes == support_classes[:, :1]).all()  # queries share their label's class
     assert len(set(support_classes[:, 0].tolist())) == 4  # distinct classes per task
+    assert batch.classes[0].tolist() == support_classes[:, 0].tolist()  # label k is dataset class classes[k]
 
 
 def test_same_seed_same_episodes_whatever_the_batch_size(class_images):

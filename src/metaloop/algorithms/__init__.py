@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+from metaloop.algorithms.adml import ADML
+from metaloop.algorithms.attention import AttentiveLearner
 from metaloop.algorithms.base import MetaLearner
+from metaloop.algorithms.baseline import TransferBaseline
 from metaloop.algorithms.cavia import CAVIA
 from metaloop.algorithms.maml import ANIL, FOMAML, MAML, MetaSGD
 from metaloop.algorithms.protonet import ProtoNet
 from metaloop.algorithms.reptile import Reptile
+from metaloop.algorithms.siamese import Siamese
 
 LEARNERS: dict[str, type[MetaLearner]] = {
-    learner.name: learner for learner in (ProtoNet, MAML, FOMAML, MetaSGD, ANIL, Reptile, CAVIA)
+    learner.name: learner
+    for learner in (
+        ProtoNet,
+        MAML,
+        FOMAML,
+        MetaSGD,
+        ANIL,
+        Reptile,
+        CAVIA,
+        TransferBaseline,
+        Siamese,
+        ADML,
+        AttentiveLearner,
+    )
 }
 
 
@@ -21,7 +38,9 @@ def build_learner(name: str, **hparams: object) -> MetaLearner:
 
 
 __all__ = [
+    "ADML",
     "ANIL",
+    "AttentiveLearner",
     "CAVIA",
     "FOMAML",
     "LEARNERS",
@@ -30,5 +49,7 @@ __all__ = [
     "MetaSGD",
     "ProtoNet",
     "Reptile",
+    "Siamese",
+    "TransferBaseline",
     "build_learner",
 ]

@@ -126,19 +126,34 @@ class GradientLearner(MetaLearner):
         return InnerLoop(self.loss, first_order, self.strategy(device))
 
     def check_batch(self, batch: TaskBatch) -> None:
-        ways = self.hparams["ways"]
-        if batch.ways != ways:
-            kind = f"{ways}-way classification" if ways else "regression (ways = 0)"
+        """Classification heads of W outputs take tasks of 2..W ways; regression takes ways = 0."""
+        ways = int(self.hparams["ways"])
+        if (batch.ways == 0) != (ways == 0) or batch.ways > ways:
+            kind = f"classification of up to {ways} ways" if ways else "regression (ways = 0)"
             raise ValueError(
                 f"this {self.name} learner was built for {kind} but the batch has ways = {batch.ways}; "
                 f"rebuild it with ways={batch.ways} and backbone={'conv4' if batch.ways else 'mlp'!r}"
             )
 
+    @staticmethod
+    def first_outputs(forward: Forward, ways: int) -> Forward:
+        """``forward`` restricted to its first ``ways`` outputs (logits): a task of w < W ways uses
+        logits 0..w-1 of the W-way head, and the other W - w never enter its loss."""
+        return lambda p, x: forward(p, x)[..., :ways]
+
     def run_inner(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, steps: int, meta: bool
     ) -> tuple[torch.Tensor, Params]:
-        """Adapted query outputs ``[T, M, K]`` and adapted parameters ``{name: [T, ...]}``."""
+        """Adapted query outputs ``[T, M, K]`` and adapted parameters ``{name: [T, ...]}``.
+
+        Classification tasks with fewer ways than the head (labels ``0..w-1``, all present in the
+        support set) use its first w logits, so ``K = w``.
+        """
         forward, params, lr = self.inner_problem(meta)
+        if self.task_type == "classification":
+            ways = int(support_y.max()) + 1
+            if ways < int(self.hparams["ways"]):
+                forward = self.first_outputs(forward, ways)
         inputs_s, inputs_q = self.inner_inputs(support_x), self.inner_inputs(query_x)
         inner = self.inner_loop(meta, support_x.device)
         return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps)
@@ -168,6 +183,12 @@ class GradientLearner(MetaLearner):
             outputs, _ = self.run_inner(batch.support_x, batch.support_y, batch.query_x, steps, meta=False)
         return outputs.detach()
 
+    def forward(self, adapted: Params, query_x: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[M, K]`` of one task's queries ``[M, ...]`` at the parameters ``adapted`` that
+        :meth:`adapt` found (the parameters the inner loop does not adapt: the learner's own)."""
+        forward, _, _ = self.inner_problem(meta=False)
+        return forward(adapted, self.inner_inputs(query_x[None])[0])
+
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task (``eval_inner_steps`` steps); works in eval mode and under no_grad.
 
@@ -177,15 +198,18 @@ class GradientLearner(MetaLearner):
 
         Returns:
             A function from queries ``[M, ...]`` to logits ``[M, W]`` (or predictions ``[M, 1]``).
+            It runs on detached copies of every parameter, adapted or not: its output is
+            differentiable with respect to the queries (when they require grad, for attacks such
+            as :mod:`metaloop.attacks`) and never with respect to the learner's parameters.
         """
         steps = int(self.hparams["eval_inner_steps"])
         with torch.no_grad():
             _, adapted = self.run_inner(support_x[None], support_y[None], support_x[None], steps, meta=False)
-        forward, _, _ = self.inner_problem(meta=False)
         fast = {name: value[0].detach() for name, value in adapted.items()}
+        frozen = {name: p.detach() for name, p in self.named_parameters()}
+        ways = int(support_y.max()) + 1 if self.task_type == "classification" else None
 
         def predictor(query_x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return forward(fast, self.inner_inputs(query_x[None])[0])
+            return functional_call(self, frozen, (fast, query_x))[..., :ways]
 
         return predictor

@@ -47,8 +47,11 @@ def task_batch_norm(bn: nn.BatchNorm2d, h: torch.Tensor, tasks: int) -> torch.Te
     statistics move once, towards the mean over tasks of the per-task mean and (unbiased)
     variance; for T = 1 this is exactly ``bn(h)``. In eval mode it is ``bn(h)``.
     """
-    if not bn.training or tasks == 1:
+    if not bn.training:
         return bn(h)
+    # T = 1 goes the same way rather than through bn(h): on the CPU, bn(h) saves the running-statistics
+    # buffers for its backward, so a later in-place update of them (another forward before backward,
+    # as for tasks of unequal shapes) would break that backward.
     n, c, rest = h.shape[0] // tasks, h.shape[1], h.shape[2:]
     x = h.view(tasks, n, c, *rest).transpose(0, 1).reshape(n, tasks * c, *rest)  # [n, T*C, H, W]
     momentum = bn.momentum
@@ -68,6 +71,30 @@ def task_batch_norm(bn: nn.BatchNorm2d, h: torch.Tensor, tasks: int) -> torch.Te
             bn.running_mean.copy_(running_mean.view(tasks, c).mean(0))
             bn.running_var.copy_(running_var.view(tasks, c).mean(0))
     return out.view(n, tasks, c, *rest).transpose(0, 1).reshape(tasks * n, c, *rest)
+
+
+def encode_tasks(encoder: Conv4, images: torch.Tensor) -> torch.Tensor:
+    """Embeddings ``[T, n, D]`` of images ``[T, n, C, H, W]``; batch norm per task (training).
+
+    The bias of each convolution is used but not trained: every convolution feeds a batch norm,
+    which subtracts the batch mean, so the loss does not depend on that bias and its true
+    gradient is zero. The float32 gradient is rounding noise (~1e-9), which Adam would
+    normalise into steps of about ``lr`` in random directions: a random walk that changes
+    nothing while training, drags the running means along (so test-time outputs drift), and
+    makes a run depend on how its sums were ordered (threads, processes).
+    """
+    tasks, n = images.shape[:2]
+    h = images.flatten(0, 1)  # [T*n, C, H, W]
+    for block in encoder.blocks:
+        for layer in block:
+            if isinstance(layer, nn.BatchNorm2d):
+                h = task_batch_norm(layer, h, tasks)
+            elif isinstance(layer, nn.Conv2d) and layer.bias is not None:
+                bias = layer.bias.detach()
+                h = F.conv2d(h, layer.weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            else:
+                h = layer(h)
+    return h.flatten(1).view(tasks, n, -1)
 
 
 class ProtoNet(MetaLearner):
@@ -91,29 +118,8 @@ class ProtoNet(MetaLearner):
         self.encoder = Conv4(in_channels, hidden)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[T, n, D]`` of images ``[T, n, C, H, W]``; batch norm per task (training).
-
-        The bias of each convolution is used but not trained: every convolution feeds a batch norm,
-        which subtracts the batch mean, so the loss does not depend on that bias and its true
-        gradient is zero. The float32 gradient is rounding noise (~1e-9), which Adam would
-        normalise into steps of about ``lr`` in random directions: a random walk that changes
-        nothing while training, drags the running means along (so test-time outputs drift), and
-        makes a run depend on how its sums were ordered (threads, processes).
-        """
-        tasks, n = images.shape[:2]
-        h = images.flatten(0, 1)  # [T*n, C, H, W]
-        for block in self.encoder.blocks:
-            for layer in block:
-                if isinstance(layer, nn.BatchNorm2d):
-                    h = task_batch_norm(layer, h, tasks)
-                elif isinstance(layer, nn.Conv2d) and layer.bias is not None:
-                    bias = layer.bias.detach()
-                    h = F.conv2d(
-                        h, layer.weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups
-                    )
-                else:
-                    h = layer(h)
-        return h.flatten(1).view(tasks, n, -1)
+        """Embeddings ``[T, n, D]`` of images ``[T, n, C, H, W]``; see :func:`encode_tasks`."""
+        return encode_tasks(self.encoder, images)
 
     def _logits(self, batch: TaskBatch) -> torch.Tensor:
         """Logits ``[T, W*Q, W]``; a task's support and query pass through the encoder together."""
@@ -135,11 +141,18 @@ class ProtoNet(MetaLearner):
 
     @torch.no_grad()
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Prototypes ``[W, D]`` of one task's support set ``[W*S, C, H, W]``, labels ``[W*S]``.
+
+        The predictor maps queries ``[M, C, H, W]`` to logits ``[M, W]`` with detached copies of the
+        encoder's parameters: differentiable with respect to the queries (when they require grad,
+        for attacks such as :mod:`metaloop.attacks`), never with respect to the parameters.
+        """
         ways = int(support_y.max()) + 1
         protos = prototypes(self.encoder(support_x).unsqueeze(0), support_y.unsqueeze(0), ways)
+        frozen = {name: p.detach() for name, p in self.encoder.named_parameters()}
 
         def predictor(query_x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return -squared_distances(self.encoder(query_x).unsqueeze(0), protos)[0]
+            embeddings = torch.func.functional_call(self.encoder, frozen, (query_x,))  # [M, D]
+            return -squared_distances(embeddings.unsqueeze(0), protos)[0]
 
         return predictor

@@ -1,4 +1,4 @@
-"""Datasets by name: ``load_dataset("omniglot" | "glyphs" | "folder", split, ...)`` -> ClassImages.
+"""Datasets by name: ``load_dataset(name, split, ...)`` -> ClassImages, for the names below.
 
 * ``"omniglot"``: :func:`metaloop.data.omniglot.load_omniglot`; splits ``train val test trainval
   background evaluation``; ``seed`` is ignored (the splits are fixed).
@@ -8,6 +8,9 @@
   images of one class: the class names are sorted, shuffled with ``torch.Generator().manual_seed(seed)``,
   and cut into 70% / 10% / 20% (rounded; test takes the rest). The same folder and seed always give
   the same split, and the three are disjoint.
+* ``"miniimagenet"``: :func:`metaloop.data.miniimagenet.load_miniimagenet`, RGB; splits ``train val
+  test`` (Ravi & Larochelle's CSV files, read from ``<data_dir>/miniimagenet/splits/ravi/``);
+  ``seed`` is ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from metaloop.data.base import ClassImages, default_cache_dir, default_data_dir
 
-DATASETS = ("omniglot", "glyphs", "folder")
+DATASETS = ("omniglot", "glyphs", "folder", "miniimagenet")
 FOLDER_SPLITS = ("train", "val", "test", "all")
 FOLDER_FRACTIONS = (0.7, 0.1, 0.2)
 
@@ -55,13 +58,13 @@ def load_dataset(
     """Load dataset ``name`` (one of :data:`DATASETS`) as uint8 ``[N, C, S, S]`` images grouped by class.
 
     Args:
-        name: ``"omniglot"``, ``"glyphs"`` or ``"folder"``.
+        name: ``"omniglot"``, ``"glyphs"``, ``"folder"`` or ``"miniimagenet"``.
         split: dataset-specific (see the module docstring).
         image_size: ``S``.
         data_dir: where downloaded/embedded data lives (default ``$METALOOP_DATA`` or ``~/.cache/metaloop``).
         seed: glyph generation seed; for ``"folder"``, the seed of the class split.
         root: the image folder, required for ``"folder"``.
-        channels: 1 or 3, only for ``"folder"`` (Omniglot and glyphs are grayscale).
+        channels: 1 or 3, only for ``"folder"`` (Omniglot and glyphs are grayscale, miniImageNet is RGB).
     """
     if name == "omniglot":
         from metaloop.data.omniglot import load_omniglot
@@ -91,6 +94,10 @@ def load_dataset(
 
         per_class = [load_image_files(classes[i][1], image_size, channels) for i in ids]
         return ClassImages.from_classes(per_class, [classes[i][0] for i in ids], label)
+    if name == "miniimagenet":
+        from metaloop.data.miniimagenet import load_miniimagenet
+
+        return load_miniimagenet(split, image_size=image_size, data_dir=data_dir)
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
 
 

@@ -24,6 +24,9 @@ class TaskBatch:
 
     Regression: ``support_x``/``support_y`` float ``[T, S, 1]``, ``query_x``/``query_y``
     float ``[T, Q, 1]`` and ``ways`` is 0.
+
+    ``classes`` (episodes of a dataset): int64 ``[T, W]``, the dataset class index behind each
+    task label, for learners that train on global classes (the transfer baseline); else None.
     """
 
     support_x: torch.Tensor
@@ -31,6 +34,7 @@ class TaskBatch:
     query_x: torch.Tensor
     query_y: torch.Tensor
     ways: int
+    classes: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -43,6 +47,7 @@ class TaskBatch:
             self.query_x.to(device),
             self.query_y.to(device),
             self.ways,
+            None if self.classes is None else self.classes.to(device),
         )
 
     def task(self, t: int) -> TaskBatch:
@@ -57,6 +62,7 @@ class TaskBatch:
             self.query_x[start:stop],
             self.query_y[start:stop],
             self.ways,
+            None if self.classes is None else self.classes[start:stop],
         )
 
 
@@ -67,6 +73,21 @@ def kept_rows(num_tasks: int, keep: range | None) -> torch.Tensor | None:
     if len(keep) and (min(keep) < 0 or max(keep) >= num_tasks):
         raise ValueError(f"keep={keep} reaches outside the {num_tasks} tasks drawn (0..{num_tasks - 1})")
     return torch.tensor(list(keep), dtype=torch.long)
+
+
+def stack_tasks(images: torch.Tensor, classes: torch.Tensor, shots: int) -> TaskBatch:
+    """A :class:`TaskBatch` from uint8 images ``[T, W, S+Q, C, H, W]`` (per task, per class: S
+    support then Q query examples) and their classes ``[T, W]``; pixels scaled to [0, 1]."""
+    tasks, ways, per_class = images.shape[:3]
+    queries = per_class - shots
+    images = images.float().div_(255.0)
+    shape = images.shape[3:]
+    support_x = images[:, :, :shots].reshape(tasks, ways * shots, *shape)
+    query_x = images[:, :, shots:].reshape(tasks, ways * queries, *shape)
+    labels = torch.arange(ways)
+    support_y = labels.repeat_interleave(shots).expand(tasks, -1).contiguous()
+    query_y = labels.repeat_interleave(queries).expand(tasks, -1).contiguous()
+    return TaskBatch(support_x, support_y, query_x, query_y, ways, classes)
 
 
 class EpisodeSampler:
@@ -108,14 +129,19 @@ class EpisodeSampler:
         # [K, max_size] True where a class has no example at that position
         self._padding = torch.arange(self._max_size)[None, :] >= sizes[:, None]
 
-    def _task_indices(self) -> torch.Tensor:
-        """int64 ``[W, S+Q]``: dataset rows of one task, one row of indices per class."""
+    def _task_indices(
+        self, ways: int | None = None, shots: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 ``[W, S+Q]`` dataset rows of one task (one row of indices per class) and int64
+        ``[W]`` the classes drawn, in label order (label k is class ``classes[k]``: the labels are
+        a fresh random assignment for every task). ``ways``/``shots`` default to the sampler's."""
+        ways, shots = ways or self.ways, shots or self.shots
         g = self.generator
-        classes = torch.randperm(self.dataset.num_classes, generator=g)[: self.ways]
-        scores = torch.rand(self.ways, self._max_size, generator=g)
+        classes = torch.randperm(self.dataset.num_classes, generator=g)[:ways]
+        scores = torch.rand(ways, self._max_size, generator=g)
         scores.masked_fill_(self._padding[classes], 2.0)  # padding sorts last
-        picks = scores.argsort(dim=1)[:, : self.shots + self.queries]
-        return self.dataset.offsets[classes][:, None] + picks
+        picks = scores.argsort(dim=1)[:, : shots + self.queries]
+        return self.dataset.offsets[classes][:, None] + picks, classes
 
     def sample(self, num_tasks: int = 1, keep: range | None = None) -> TaskBatch:
         """Draw ``num_tasks`` tasks, stacked into a :class:`TaskBatch`.
@@ -124,19 +150,13 @@ class EpisodeSampler:
         all ``num_tasks`` tasks are still drawn, so the stream advances exactly as without it,
         but only the kept ones are gathered and returned, in order (``[len(keep), ...]``).
         """
-        indices = torch.stack([self._task_indices() for _ in range(num_tasks)])  # [T, W, S+Q]
+        drawn = [self._task_indices() for _ in range(num_tasks)]
+        indices = torch.stack([rows for rows, _ in drawn])  # [T, W, S+Q]
+        classes = torch.stack([c for _, c in drawn])  # [T, W]
         rows = kept_rows(num_tasks, keep)
         if rows is not None:
-            indices = indices[rows]  # [K, W, S+Q]
-        tasks = indices.shape[0]
-        images = self.dataset.images[indices].float().div_(255.0)  # [K, W, S+Q, C, H, W]
-        shape = images.shape[3:]
-        support_x = images[:, :, : self.shots].reshape(tasks, self.ways * self.shots, *shape)
-        query_x = images[:, :, self.shots :].reshape(tasks, self.ways * self.queries, *shape)
-        labels = torch.arange(self.ways)
-        support_y = labels.repeat_interleave(self.shots).expand(tasks, -1).contiguous()
-        query_y = labels.repeat_interleave(self.queries).expand(tasks, -1).contiguous()
-        return TaskBatch(support_x, support_y, query_x, query_y, self.ways)
+            indices, classes = indices[rows], classes[rows]  # [K, W, S+Q], [K, W]
+        return stack_tasks(self.dataset.images[indices], classes, self.shots)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The generator state, so a resumed run draws the same next episodes."""

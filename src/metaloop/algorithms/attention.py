@@ -1,0 +1,130 @@
+"""A model-based meta-learner: attention over the labelled support sequence.
+
+The "constrain the architecture" family: the network itself reads the support set and answers
+queries, with no gradient step at adaptation time. This one follows SNAIL (Mishra, Rohaninejad,
+Chen & Abbeel, "A Simple Neural Attentive Meta-Learner", ICLR 2018, arXiv:1707.03141) in feeding
+the learner a sequence of (embedding, one-hot label) pairs and reading queries out of it with
+soft attention; it keeps SNAIL's attention blocks and drops its temporal convolutions.
+
+For one task with support (x_i, y_i), i = 1..N, and queries q_j, j = 1..M:
+
+    e = f_ω(x)                                        Conv-4 embedding, [D]
+    support token  s_i = W_in [e(x_i); onehot(y_i)]   [d_model]
+    query token    t_j = W_in [e(q_j); 0]             [d_model]
+    L Transformer layers over [s_1..s_N, t_j]:        support tokens attend to support tokens,
+                                                       each query token to the support and itself
+    logits_j = W_out h(t_j)                           [W]
+
+There is no positional encoding, so a prediction does not depend on the ORDER of the support
+sequence (tested: shuffling it changes the logits by float rounding only). It does depend on
+WHICH label each class gets: labels are inputs, and the logit of label k is read from what the
+network stored with label k, so relabelling the support classes permutes the logits only as far
+as training made the network label-symmetric (random labels per episode push it that way).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaloop.algorithms.embedding import EmbeddingReader
+from metaloop.algorithms.protonet import encode_tasks
+from metaloop.nn.conv4 import Conv4
+from metaloop.tasks.episodes import TaskBatch
+
+
+def support_query_mask(n_support: int, n_query: int, device: torch.device) -> torch.Tensor:
+    """bool ``[N+M, N+M]``, True where attention is NOT allowed: support rows see the N support
+    tokens; query row j sees the support tokens and itself (queries never see each other)."""
+    size = n_support + n_query
+    allowed = torch.zeros(size, size, dtype=torch.bool, device=device)
+    allowed[:, :n_support] = True
+    allowed[n_support:, n_support:] = torch.eye(n_query, dtype=torch.bool, device=device)
+    return ~allowed
+
+
+class AttentiveLearner(EmbeddingReader):
+    """Model-based learner: a Transformer reads (embedding, label) support tokens, answers queries.
+
+    Args:
+        in_channels: image channels (1 for Omniglot).
+        image_size: height = width of the images; fixes the embedding size D.
+        hidden: filters per Conv-4 layer (64).
+        ways: W, the most labels a task can have (the label one-hots and the output layer have W
+            units; a task of w < W ways uses labels and logits 0..w-1).
+        d_model: width of the tokens (128).
+        layers: Transformer encoder layers (2).
+        heads: attention heads per layer (4).
+
+    Example:
+        >>> learner = AttentiveLearner(in_channels=1, image_size=28, ways=5)
+        >>> loss, metrics = learner.meta_loss(batch)    # query cross-entropy, batch of 5-way tasks
+        >>> logits = learner.eval().adapt(support_x, support_y)(query_x)   # [M, 5], no gradient steps
+    """
+
+    name = "attention"
+    bf16_safe = True
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        hidden: int = 64,
+        ways: int = 5,
+        d_model: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+    ) -> None:
+        if ways < 2 or d_model % heads:
+            raise ValueError(f"need ways >= 2 and d_model divisible by heads, got {ways}, {d_model}, {heads}")
+        super().__init__(
+            in_channels=in_channels,
+            image_size=image_size,
+            hidden=hidden,
+            ways=ways,
+            d_model=d_model,
+            layers=layers,
+            heads=heads,
+        )
+        self.encoder = Conv4(in_channels, hidden)
+        dim = self.encoder.embedding_dim((in_channels, image_size, image_size))
+        self.token = nn.Linear(dim + ways, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.reader = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.readout = nn.Linear(d_model, ways)
+
+    def check_ways(self, ways: int) -> None:
+        if ways > self.hparams["ways"]:
+            raise ValueError(
+                f"this attention learner reads tasks of up to {self.hparams['ways']} ways (its label inputs "
+                f"and outputs are fixed) but the task has {ways} classes; train one with ways={ways}"
+            )
+
+    def forward(
+        self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        """Read the support sequence: logits ``[T, M, w]`` from support embeddings ``[T, N, D]``,
+        labels ``[T, N]`` in ``0..w-1`` (``ways`` = w <= W) and query embeddings ``[T, M, D]``."""
+        width = int(self.hparams["ways"])  # W: label inputs and logits of the network
+        labels = F.one_hot(support_y, width).to(support_z.dtype)
+        support = self.token(torch.cat([support_z, labels], -1))  # [T, N, d]
+        blank = query_z.new_zeros(*query_z.shape[:2], width)
+        queries = self.token(torch.cat([query_z, blank], -1))  # [T, M, d]
+        n, m = support.shape[1], queries.shape[1]
+        mask = support_query_mask(n, m, support.device)
+        h = self.reader(torch.cat([support, queries], 1), mask=mask)  # [T, N+M, d]
+        return self.readout(self.norm(h[:, n:]))[..., :ways]  # a task of w < W ways: logits 0..w-1
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Query cross-entropy averaged over the tasks (batch norm per task in the encoder)."""
+        self.check_ways(batch.ways)
+        n = batch.support_y.shape[1]
+        z = encode_tasks(self.encoder, torch.cat([batch.support_x, batch.query_x], 1))  # [T, N+M, D]
+        logits = self(z[:, :n], batch.support_y, z[:, n:], batch.ways)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
+        return loss, {"loss": loss.item(), "accuracy": accuracy.item()}

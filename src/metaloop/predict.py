@@ -1,0 +1,204 @@
+"""Few-shot prediction on your own images: adapt a trained learner to a support folder, classify queries.
+
+The support folder is ``support/<class_name>/<images>`` (as in :mod:`metaloop.data.folder`); each
+query image gets the support class with the highest probability, and the softmax of the learner's
+logits over all support classes. Images are converted exactly as training images were: to the
+checkpoint's ``data.image_size`` and the learner's ``in_channels`` (grayscale or RGB, transparency
+flattened onto white, Lanczos resize), pixels scaled to [0, 1].
+
+Example:
+    >>> from metaloop import FewShotPredictor
+    >>> model = FewShotPredictor.from_run("runs/default").fit_support("support_dir")
+    >>> for p in model.predict(["query_dir", "extra.png"]):
+    ...     print(p.path, p.label, p.probabilities)
+
+All queries of one :meth:`FewShotPredictor.predict` call pass through the network as one batch,
+as the queries of a test episode do: the MAML family's batch norm uses the statistics of the
+batch it is given (transductive, as in :mod:`metaloop.nn.maml_conv`), so for those learners a
+query's probabilities depend on the other queries it is predicted with. ProtoNet's do not.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metaloop import distributed
+from metaloop.algorithms.base import MetaLearner, Predictor
+from metaloop.checkpoint import load_checkpoint
+from metaloop.data.folder import IMAGE_EXTENSIONS, list_image_folder, load_image_files
+from metaloop.fileio import atomic_write_bytes
+from metaloop.train import learner_from_checkpoint
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One query: its path, the predicted class name and ``{class name: probability}``."""
+
+    path: str
+    label: str
+    probabilities: dict[str, float]
+
+
+class FewShotPredictor:
+    """A meta-trained learner that classifies images into the classes of a support set.
+
+    Args:
+        learner: a trained image classifier (not a regression learner); it is moved to ``device``
+            and put in eval mode.
+        image_size: side ``S`` that images are resized to (the training data's).
+        channels: 1 (grayscale) or 3 (RGB), the training data's (``learner.hparams["in_channels"]``).
+        invert: use ``255 - pixel``: for dark ink on light paper with a model trained on white ink on
+            black (Omniglot, glyphs). Leave off for a model trained on an image folder.
+        device: where the network runs (``"cpu"``, ``"cuda"``, ``"auto"``).
+    """
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        image_size: int,
+        channels: int,
+        invert: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if learner.hparams.get("ways") == 0:
+            raise ValueError(
+                f"this {learner.name} model is a regression model (backbone mlp, e.g. sinusoid tasks); "
+                "predict is for image classifiers. Evaluate it with 'metaloop eval' instead"
+            )
+        self.device = distributed.local_device(device)
+        self.learner = learner.to(self.device).eval()
+        self.image_size, self.channels, self.invert = image_size, channels, invert
+        self.class_names: list[str] = []
+        self._predictor: Predictor | None = None
+
+    @classmethod
+    def from_run(
+        cls, checkpoint: str | os.PathLike, invert: bool = False, device: str | torch.device = "cpu"
+    ) -> FewShotPredictor:
+        """The model of a run folder (its ``best.pt``, else ``last.pt``) or of a checkpoint file, with
+        the image size and channel count it was trained on."""
+        state = load_checkpoint(checkpoint)
+        learner = learner_from_checkpoint(state)
+        image_size = int(state["config"]["data"]["image_size"])
+        return cls(learner, image_size, int(state["hparams"]["in_channels"]), invert, device)
+
+    @property
+    def max_ways(self) -> int | None:
+        """The most classes a support set can have (learners with a fixed output layer), else None."""
+        ways = self.learner.hparams.get("ways")
+        return int(ways) if ways else None
+
+    def load_images(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
+        """float ``[N, C, S, S]`` in [0, 1] on the model's device, converted as training images were."""
+        images = load_image_files(paths, self.image_size, self.channels, self.invert)
+        return images.to(self.device).float().div_(255.0)
+
+    def fit_support(self, support_dir: str | os.PathLike) -> FewShotPredictor:
+        """Adapt to ``support_dir/<class_name>/<images>`` (classes sorted by name); returns ``self``.
+
+        Raises:
+            FileNotFoundError: ``support_dir`` does not exist.
+            ValueError: it is not a folder, has fewer than 2 class folders, a class folder without
+                images, an unreadable image, or (fixed output layer) more than ``max_ways`` classes.
+        """
+        root = Path(support_dir).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"support {root} is a file; expected a folder support/<class_name>/<images>")
+        classes = list_image_folder(root)
+        names = [name for name, _ in classes]
+        ways = self.max_ways
+        if ways is not None and len(classes) > ways:
+            raise ValueError(
+                f"this {self.learner.name} model has a fixed {ways}-way output layer, so the support set "
+                f"can have at most {ways} classes; {root} has {len(classes)} ({', '.join(names)}). "
+                f"Use at most {ways} class folders, or a learner without a fixed output (protonet, siamese, "
+                "baseline)"
+            )
+        support_x = self.load_images([path for _, files in classes for path in files])  # [N, C, S, S]
+        support_y = torch.repeat_interleave(
+            torch.arange(len(classes)), torch.tensor([len(files) for _, files in classes])
+        ).to(self.device)  # [N], class-major
+        self._predictor = self.learner.adapt(support_x, support_y)
+        self.class_names = names
+        return self
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax over the support classes, ``[N, W]``, of images ``[N, C, S, S]`` in [0, 1]."""
+        if self._predictor is None:
+            raise RuntimeError("call fit_support(support_dir) before predicting")
+        with torch.no_grad():
+            return torch.softmax(self._predictor(images.to(self.device)).float(), dim=-1).cpu()
+
+    def predict(self, queries: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Prediction]:
+        """One :class:`Prediction` per query image, in sorted path order.
+
+        ``queries`` are image files and folders; a folder contributes every image file below it
+        (extensions as in :data:`metaloop.data.folder.IMAGE_EXTENSIONS`, dot-names skipped). A file
+        named explicitly is read whatever its extension.
+
+        Raises:
+            FileNotFoundError: a query path does not exist.
+            ValueError: no query image at all, or an image that cannot be read (named).
+        """
+        paths = query_paths(queries)
+        probs = self.probabilities(self.load_images(paths))  # [N, W]
+        return [
+            Prediction(
+                str(path),
+                self.class_names[int(p.argmax())],
+                {name: float(value) for name, value in zip(self.class_names, p, strict=True)},
+            )
+            for path, p in zip(paths, probs, strict=True)
+        ]
+
+
+def query_paths(queries: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """The query image files named by ``queries`` (files, and the images found below folders), sorted,
+    each once."""
+    if isinstance(queries, (str, os.PathLike)):
+        queries = [queries]
+    found: set[Path] = set()
+    for query in queries:
+        path = Path(query).expanduser()
+        if path.is_dir():
+            found.update(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        elif path.is_file():
+            found.add(path)
+        else:
+            raise FileNotFoundError(f"query {path} does not exist")
+    if not found:
+        raise ValueError(
+            f"no query images in {', '.join(str(q) for q in queries) or 'an empty list'} "
+            f"(looked for {', '.join(IMAGE_EXTENSIONS)}, any case)"
+        )
+    return sorted(found)
+
+
+def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
+    """CSV text: a header ``path,predicted,p_<class>...`` then one row per prediction (6 decimals)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "predicted", *(f"p_{name}" for name in class_names)])
+    for p in predictions:
+        writer.writerow([p.path, p.label, *(f"{p.probabilities[name]:.6f}" for name in class_names)])
+    return out.getvalue()
+
+
+def write_predictions_csv(
+    predictions: Sequence[Prediction], class_names: Sequence[str], path: str | os.PathLike
+) -> None:
+    """Write :func:`predictions_csv` to ``path`` atomically (a temporary file, then a rename)."""
+    atomic_write_bytes(path, predictions_csv(predictions, class_names).encode())
