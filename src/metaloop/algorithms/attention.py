@@ -44,6 +44,20 @@ def support_query_mask(n_support: int, n_query: int, device: torch.device) -> to
     return ~allowed
 
 
+def keep_key_bias_at_zero(in_proj_bias: nn.Parameter, d_model: int) -> None:
+    """Freeze the key part ``[d:2d]`` of an attention layer's input-projection bias at 0.
+
+    A key bias b_k adds q·b_k to every attention logit of a query alike, and the softmax over keys
+    ignores such a shift: no output depends on b_k, so its true gradient is zero. The float32
+    gradient is rounding noise (~1e-9) that Adam scales up to steps of about ``lr``: a random walk
+    that changes nothing but makes a run depend on the order of its sums (threads, processes).
+    PyTorch initialises the bias to 0; a gradient hook keeps that part of it there.
+    """
+    mask = torch.ones_like(in_proj_bias)
+    mask[d_model : 2 * d_model] = 0.0
+    in_proj_bias.register_hook(lambda grad: grad * mask)
+
+
 class AttentiveLearner(EmbeddingReader):
     """Model-based learner: a Transformer reads (embedding, label) support tokens, answers queries.
 
@@ -94,6 +108,8 @@ class AttentiveLearner(EmbeddingReader):
             d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True, norm_first=True
         )
         self.reader = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        for block in self.reader.layers:
+            keep_key_bias_at_zero(block.self_attn.in_proj_bias, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.readout = nn.Linear(d_model, ways)
 
