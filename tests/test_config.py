@@ -1,7 +1,10 @@
+import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 
+from metaloop.algorithms import LEARNERS
 from metaloop.config import Config, ConfigError, config_to_yaml, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -79,3 +82,12 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(config_to_yaml(config))
     assert load_config(path) == config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_recipe_names_a_learner_and_only_its_hyper_parameters(path):
+    algorithm = load_config(path).algorithm
+    assert algorithm.name in LEARNERS
+    accepted = inspect.signature(LEARNERS[algorithm.name]).parameters
+    keys = {k for k, v in dataclasses.asdict(algorithm).items() if k != "name" and v is not None}
+    assert keys <= set(accepted), keys - set(accepted)
