@@ -116,7 +116,7 @@ def test_regression_curves_and_refusals(tmp_path):
 
 def test_plotting_never_fails_a_finished_run_and_is_never_silent(two_runs, tmp_path, monkeypatch, capsys):
     (tmp_path / "metrics.jsonl").write_text("")  # nothing to plot: an expected failure, one line
-    train.draw_learning_curve(tmp_path)
+    report.draw_learning_curve(tmp_path)
     err = capsys.readouterr().err
     assert "warning: learning curve not drawn: no training or validation lines" in err
     assert "Traceback" not in err
@@ -125,7 +125,7 @@ def test_plotting_never_fails_a_finished_run_and_is_never_silent(two_runs, tmp_p
         return None + 1  # a programming error: its traceback is printed
 
     monkeypatch.setattr(report, "write_learning_curve", buggy)
-    train.draw_learning_curve(two_runs["protonet"])
+    report.draw_learning_curve(two_runs["protonet"])
     err = capsys.readouterr().err
     assert "bug in metaloop" in err and "Traceback" in err and "TypeError" in err
 

@@ -53,7 +53,20 @@ def _train(args: argparse.Namespace) -> int:
     result = run(config, resume=bool(args.resume), progress=not args.no_progress)
     if distributed.is_main():
         print(f"{config.algorithm.name} on {config.data.name}/{config.data.test_split}: {result}")
+        _draw_learning_curve(Path(config.run_dir))
     return 0
+
+
+def _draw_learning_curve(run_dir: Path) -> None:
+    """The run's learning curve (``metaloop.report.draw_learning_curve``, which never raises).
+    Imported here: matplotlib takes a second to load, which eval, predict and the other torchrun
+    ranks need not pay."""
+    try:
+        from metaloop.report import draw_learning_curve
+    except ImportError as error:
+        print(f"warning: learning curve not drawn: matplotlib is not usable ({error})", file=sys.stderr)
+        return
+    draw_learning_curve(run_dir)
 
 
 def _eval(args: argparse.Namespace) -> int:

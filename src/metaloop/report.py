@@ -17,6 +17,8 @@ import bisect
 import io
 import json
 import os
+import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,29 @@ def write_learning_curve(run_dir: str | os.PathLike) -> list[Path]:
     """``run_dir/learning_curve.png`` and ``.svg``: :func:`plot_learning_curves` of the run alone."""
     run_dir = Path(run_dir)
     return plot_learning_curves({run_dir.name: run_dir}, run_dir / "learning_curve")
+
+
+def draw_learning_curve(run_dir: str | os.PathLike) -> None:
+    """:func:`write_learning_curve` for a finished run (``metaloop train`` calls it); never raises.
+
+    It runs after ``result.json`` is written, so a failure here loses no result, and it does not fail
+    the run: a plot is not worth a lost exit code after hours of training. It is not silent either.
+    Expected failures (``OSError``: disk full, read-only folder; ``ValueError``: a metrics log with
+    nothing to plot) print one warning line; anything else is a bug in metaloop and prints its full
+    traceback as a warning, asking for a report. The tests check that every run has its plot, so
+    such a bug fails them.
+    """
+    redo = f"redraw it with metaloop.report.write_learning_curve({str(run_dir)!r})"
+    try:
+        write_learning_curve(run_dir)
+    except (OSError, ValueError) as error:
+        print(f"warning: learning curve not drawn: {error}; {redo}", file=sys.stderr)
+    except Exception:
+        print(
+            f"warning: learning curve not drawn because of a bug in metaloop (the run itself is complete; "
+            f"please report this):\n{traceback.format_exc()}{redo}",
+            file=sys.stderr,
+        )
 
 
 # ----- accuracy against shots -------------------------------------------------------------------

@@ -16,9 +16,7 @@ import dataclasses
 import inspect
 import json
 import math
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -552,35 +550,8 @@ def check_world(config: Config) -> None:
         )
 
 
-def draw_learning_curve(run_dir: Path) -> None:
-    """Write ``learning_curve.png`` and ``.svg`` into a finished run's folder; never raises.
-
-    It runs after ``result.json`` is written, so a failure here loses no result, and it does not fail
-    the run: a plot is not worth a lost exit code after hours of training. It is not silent either.
-    Expected failures (``OSError``: disk full, read-only folder; ``ValueError``: a metrics log with
-    nothing to plot; ``ImportError``: a broken matplotlib) print one warning line; anything else is a
-    bug in metaloop and prints its full traceback as a warning, asking for a report. The tests check
-    that every run has its plot, so such a bug fails them. (Imported here: matplotlib takes a second
-    to load, which eval, predict and the other torchrun ranks need not pay.)
-    """
-    redo = f"redraw it with metaloop.report.write_learning_curve({str(run_dir)!r})"
-    try:
-        from metaloop.report import write_learning_curve
-
-        write_learning_curve(run_dir)
-    except (OSError, ValueError, ImportError) as error:
-        print(f"warning: learning curve not drawn: {error}; {redo}", file=sys.stderr)
-    except Exception:
-        print(
-            f"warning: learning curve not drawn because of a bug in metaloop (the run itself is complete; "
-            f"please report this):\n{traceback.format_exc()}{redo}",
-            file=sys.stderr,
-        )
-
-
 def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResult:
-    """Meta-train (or continue) a run, then meta-test its best model; writes ``result.json`` and the
-    learning curve (:func:`draw_learning_curve`, which never fails the run).
+    """Meta-train (or continue) a run, then meta-test its best model; writes ``result.json``.
 
     Launched by torchrun, joins the process group for the run (timeout ``dist_timeout_s``); every
     rank returns the same result.
@@ -603,7 +574,6 @@ def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResu
         }
         text = json.dumps(summary, indent=2) + "\n"
         distributed.on_main(lambda: atomic_write_bytes(trainer.run_dir / "result.json", text.encode()))
-        distributed.on_main(lambda: draw_learning_curve(trainer.run_dir))
     return result
 
 
