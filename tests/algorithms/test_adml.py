@@ -8,6 +8,7 @@ is given the library's adversarial images (fixed tensors) instead.
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from metaloop.algorithms import ADML, build_learner
 from metaloop.checkpoint import load_checkpoint, save_checkpoint
 from metaloop.config import ConfigError, load_config
 from metaloop.tasks import EpisodeSampler
-from metaloop.train import TaskSource, learner_from_checkpoint, learner_from_config
+from metaloop.train import TaskSource, learner_from_checkpoint, learner_from_config, run
 
 
 def reference_fgsm(params, x, y, epsilon):
@@ -175,3 +176,15 @@ def test_recipes_build_an_adml_learner(ways):
     learner = build_learner(config.algorithm.name, ways=config.train.ways, **algorithm)
     assert isinstance(learner, ADML) and learner.hparams["ways"] == config.eval.ways == ways
     assert (learner.hparams["attack"], learner.hparams["epsilon"]) == ("fgsm", 0.1)
+
+
+def test_a_short_training_run_logs_both_query_accuracies(image_folder, tmp_path, tiny_cli_args):
+    """ADML through the trainer: 4 outer steps, then the test; the log has its own metrics."""
+    args = tiny_cli_args(image_folder, tmp_path / "run", "algorithm.name=adml", "train.log_every=2")
+    result = run(load_config(overrides=args[1::2]), progress=False)
+    assert 0.0 <= result.mean <= 1.0 and result.episodes == 10
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "train_loss" in r]
+    assert train_lines and all(
+        "train_adv_query_accuracy" in r and "train_clean_query_accuracy" in r for r in train_lines
+    )
