@@ -154,7 +154,7 @@ def test_folder_registry_errors(tmp_path):
         load_dataset("folder", "everything", root=root)
     with pytest.raises(ValueError, match="valid names: omniglot, glyphs, folder"):
         load_dataset("mnist")
-    assert DATASETS == ("omniglot", "glyphs", "folder")
+    assert DATASETS == ("omniglot", "glyphs", "folder", "miniimagenet")
 
 
 def test_glyphs_forwarded(monkeypatch):
