@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from metaloop import distributed
+from metaloop.algorithms import LEARNERS
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
@@ -244,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="meta-train a learner, then evaluate it on meta-test episodes",
         description="Meta-train from a YAML recipe (default: ProtoNet on the embedded glyph set), "
-        "keep the best meta-validated model, and report meta-test accuracy ± 95%% CI. "
-        "Writes config.yaml, metrics.jsonl, last.pt, best.pt and result.json into the run folder.",
+        "keep the best meta-validated model, and report meta-test accuracy ± 95% CI. "
+        "Writes config.yaml, metrics.jsonl, last.pt, best.pt, result.json and the learning curve into "
+        "the run folder. Learners (algorithm.name): " + ", ".join(sorted(LEARNERS)) + ".",
     )
     train.add_argument("--config", help="YAML recipe, e.g. configs/protonet_omniglot_5w1s.yaml")
     train.add_argument(
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser(
         "eval",
         help="evaluate a checkpoint on seeded test episodes",
-        description="Mean accuracy ± 95%% CI (1.96·std/√N) over N seeded test episodes. "
+        description="Mean accuracy ± 95% CI (1.96·std/√N) over N seeded test episodes. "
         "Episode shape and split default to the run's own eval config.",
     )
     ev.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses best.pt)")
@@ -295,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="test several learners on the same seeded episodes, with paired differences",
         description="Test every learner on the same seeded test episodes for each --ways x --shots cell and "
-        "write OUT/comparison.json and OUT/comparison.md: mean accuracy ± 95%% CI per cell, differences "
-        "against the reference with 95%% CIs from the per-episode differences, accuracy vs shots and vs "
+        "write OUT/comparison.json and OUT/comparison.md: mean accuracy ± 95% CI per cell, differences "
+        "against the reference with 95% CIs from the per-episode differences, accuracy vs shots and vs "
         "ways, training cost, and plots (accuracy vs shots with CI bands, every run's learning curves). "
         "Learners with a fixed output layer (MAML, Reptile, CAVIA, ADML, attention, ...) are tested at "
         "their own number of ways only. Runs must share one test set (dataset, test split, image size).",
