@@ -26,6 +26,8 @@ batched problem gives exactly the per-task result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -143,17 +145,24 @@ class TransferBaseline(MetaLearner):
         bias = support_z.new_zeros(support_z.shape[0], ways)
         weight.requires_grad_()
         bias.requires_grad_(head == "linear")
-        trained = [weight, bias] if head == "linear" else [weight]
+
+        def loss() -> torch.Tensor:
+            logits = head_logits(head, weight, bias, support_z, scale)  # [T, N, W]
+            # sum over tasks of each task's mean loss: every task's head gets its own gradient
+            return F.cross_entropy(logits.transpose(1, 2), support_y, reduction="none").mean(1).sum()
+
+        self.minimise([weight, bias] if head == "linear" else [weight], loss)
+        return weight.detach(), bias.detach()
+
+    def minimise(self, trained: list[torch.Tensor], loss: Callable[[], torch.Tensor]) -> None:
+        """``finetune_steps`` Adam steps of ``finetune_lr`` on ``trained`` (in place) against ``loss()``."""
         optimizer = torch.optim.Adam(trained, lr=float(self.hparams["finetune_lr"]))
         with torch.enable_grad():
             for _ in range(int(self.hparams["finetune_steps"])):
-                logits = head_logits(head, weight, bias, support_z, scale)  # [T, N, W]
-                # sum over tasks of each task's mean loss: every task's head gets its own gradient
-                loss = F.cross_entropy(logits.transpose(1, 2), support_y, reduction="none").mean(1).sum()
+                value = loss()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 optimizer.step()
-        return weight.detach(), bias.detach()
 
     def finetuned_encoder(self, support_x: torch.Tensor, support_y: torch.Tensor, ways: int) -> Predictor:
         """``finetune_backbone``: one task's embedding and head fine-tuned together; returns the
@@ -164,19 +173,15 @@ class TransferBaseline(MetaLearner):
             weight, bias = self.fit_heads(self.encoder(support_x)[None], support_y[None], ways)
         weight.requires_grad_()
         bias.requires_grad_(head == "linear")
-        trained = [*params.values(), weight] + ([bias] if head == "linear" else [])
-        optimizer = torch.optim.Adam(trained, lr=float(self.hparams["finetune_lr"]))
 
         def embed(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(self.encoder, p, (x,))  # eval mode: running batch-norm statistics
 
-        with torch.enable_grad():
-            for _ in range(int(self.hparams["finetune_steps"])):
-                logits = head_logits(head, weight, bias, embed(params, support_x)[None], scale)[0]
-                loss = F.cross_entropy(logits, support_y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        def loss() -> torch.Tensor:
+            logits = head_logits(head, weight, bias, embed(params, support_x)[None], scale)[0]
+            return F.cross_entropy(logits, support_y)
+
+        self.minimise([*params.values(), weight] + ([bias] if head == "linear" else []), loss)
         fast = {k: v.detach() for k, v in params.items()}
         weight, bias = weight.detach(), bias.detach()
         return lambda query_x: head_logits(head, weight, bias, embed(fast, query_x)[None], scale)[0]
