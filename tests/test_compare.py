@@ -61,13 +61,16 @@ def runs(image_folder, tiny_cli_args, tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in extra}
 
 
-def tiny_recipe(path: Path, image_folder: Path, run_dir: Path, algorithm: str = "maml") -> Path:
-    """A recipe of a seconds-long 3-way run on the image folder (MAML's output layer is 3-way)."""
+def tiny_recipe(
+    path: Path, image_folder: Path, run_dir: Path, algorithm: str = "maml", ways: int = 3
+) -> Path:
+    """A recipe of a seconds-long ``ways``-way run on the image folder (MAML's output layer is built
+    for ``ways``)."""
     recipe = {
         "algorithm": {"name": algorithm, "hidden": 8},
         "data": {"name": "folder", "root": str(image_folder)},
-        "train": {"ways": 3, "queries": 2, "steps": 1000, "val_every": 2, "val_episodes": 5},
-        "eval": {"ways": 3, "queries": 3, "episodes": 10},
+        "train": {"ways": ways, "queries": 2, "steps": 1000, "val_every": 2, "val_episodes": 5},
+        "eval": {"ways": ways, "queries": 3, "episodes": 10},
         "run_dir": str(run_dir),
     }
     path.write_text(yaml.safe_dump(recipe))
@@ -135,6 +138,63 @@ def test_compare_end_to_end_is_reproducible(runs, image_folder, tmp_path, capsys
     elsewhere = tmp_path / "again"  # trained afresh there: the same model, so the same numbers
     assert main([str(elsewhere) if arg == str(out) else arg for arg in argv]) == 0
     assert json.loads((elsewhere / "comparison.json").read_text())["cells"] == comparison["cells"]
+
+
+def test_a_label_joins_runs_of_different_ways_into_one_learner(runs, image_folder, tmp_path, capsys):
+    recipes = [
+        tiny_recipe(tmp_path / f"maml_{w}w.yaml", image_folder, tmp_path / "unused", ways=w) for w in (3, 2)
+    ]
+    out = tmp_path / "comparison"
+    argv = ["compare", str(runs["protonet"]), *(f"maml={r}" for r in recipes), "--out", str(out)]
+    argv += [
+        "--ways",
+        "2",
+        "3",
+        "--shots",
+        "1",
+        "--episodes",
+        "6",
+        "--train",
+        "--steps",
+        "3",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert "2 learners compared" in capsys.readouterr().out
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [(d["name"], d["label"], d["fixed_ways"]) for d in comparison["learners"]] == [
+        ("protonet", "protonet", None),
+        ("maml_3w", "maml", 3),
+        ("maml_2w", "maml", 2),
+    ]
+    for cell in comparison["cells"]:  # one row: each cell from the run built for its ways
+        assert set(cell["accuracy"]) == {"protonet", "maml"} and set(cell["difference"]) == {"maml"}
+        member = out / "runs" / f"maml_{cell['ways']}w"
+        best = load_checkpoint(member / "best.pt")
+        sampler = TaskSource(config_from_dict(best["config"])).sampler("test", cell["ways"], 1, 9, seed=1234)
+        plain = evaluate(learner_from_checkpoint(best), sampler, episodes=6, progress=False)
+        assert cell["accuracy"]["maml"]["mean"] == pytest.approx(plain.mean, abs=1e-12)
+    markdown = (out / "comparison.md").read_text()
+    assert markdown.startswith("# Comparison of 2 learners (3 runs)")
+    assert re.search(r"\| maml \| \d+\.\d\d ± \d+\.\d\d \| \d+\.\d\d ± \d+\.\d\d \|", markdown)
+    assert "| n/a" not in markdown.split("## Paired differences")[0]
+    assert markdown.count("| maml | maml | yes | 3 |") == 2  # training cost: a line per run
+
+    same_ways = [
+        "compare",
+        str(runs["protonet"]),
+        f"protonet={runs['baseline']}",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert main([*same_ways, "--ways", "5", "--shots", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "protonet and baseline are both labelled 'protonet' and would both be tested at 5-way 1-shot" in err
+    )
+    assert main(["compare", f"={runs['baseline']}", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "LABEL=RUN_OR_RECIPE with both parts given" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def altered_run(run_dir: Path, to: Path, **data: object) -> Path:

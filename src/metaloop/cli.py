@@ -181,7 +181,8 @@ def _compare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     json_path, markdown_path = write_comparison_report(comparison, args.out)
-    print(f"{len(comparison['learners'])} learners compared: {markdown_path}, {json_path}")
+    learners = len({d["label"] for d in comparison["learners"]})
+    print(f"{learners} learners compared: {markdown_path}, {json_path}")
     return 0
 
 
@@ -301,14 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
         "against the reference with 95% CIs from the per-episode differences, accuracy vs shots and vs "
         "ways, training cost, and plots (accuracy vs shots with CI bands, every run's learning curves). "
         "Learners with a fixed output layer (MAML, Reptile, CAVIA, ADML, attention, ...) are tested at "
-        "their own number of ways only. Runs must share one test set (dataset, test split, image size).",
+        "their own number of ways only; LABEL=RUN joins such runs of different ways into one learner "
+        "(one row). Runs must share one test set (dataset, test split, image size).",
     )
     co.add_argument(
         "learners",
         nargs="+",
         metavar="RUN_OR_RECIPE",
         help="a run folder holding best.pt, or a recipe YAML (its finished run at run_dir, or with --train "
-        "trained into OUT/runs/<name>)",
+        "trained into OUT/runs/<name>); as LABEL=RUN_OR_RECIPE it is tested as learner LABEL, which "
+        "several runs of fixed output layers of different ways may share",
     )
     co.add_argument("--out", required=True, metavar="DIR", help="folder for the comparison's files")
     co.add_argument("--ways", type=int, nargs="+", default=[5, 20], help="ways of the cells (default 5 20)")
@@ -324,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--episodes", type=int, default=1000, help="test episodes per cell (default 1000)")
     co.add_argument("--seed", type=int, default=1234, help="seed of the test episodes (default 1234)")
     co.add_argument(
-        "--reference", metavar="NAME", help="learner the differences are taken against (default: first)"
+        "--reference",
+        metavar="LABEL",
+        help="learner (its label or run name) the differences are taken against (default: the first)",
     )
     co.add_argument(
         "--train",

@@ -10,7 +10,9 @@ Because the episodes are shared, the difference between two learners is measured
 cancels the variation between easy and hard episodes that two separate intervals both carry.
 
 Learners with a fixed output layer (``hparams["ways"] > 0``: MAML, FOMAML, Meta-SGD, ANIL, Reptile,
-CAVIA, ADML, attention) are tested at their own number of ways only, and are n/a elsewhere.
+CAVIA, ADML, attention) are tested at their own number of ways only, and are n/a elsewhere. A
+label joins runs into one learner (``maml=runs/maml_5w maml=runs/maml_20w``): one row of the
+tables, each cell tested with the member built for its number of ways.
 
 :func:`compare` trains (recipes under ``--train``, one budget for all) and evaluates;
 :func:`metaloop.comparison_report.write_comparison_report` writes ``comparison.json``,
@@ -45,12 +47,14 @@ class Contender:
     """One learner of a comparison.
 
     Attributes:
-        name: its label, the run folder's name or the recipe's file name without ``.yaml``.
+        name: the run folder's name or the recipe's file name without ``.yaml``; unique.
         source: the command-line argument it came from.
         run_dir: the run folder that holds (for a recipe still to train: will hold) its ``best.pt``.
         config: the run's configuration (from its ``best.pt``; for a recipe to train: the recipe with
             the comparison's budget and ``run_dir`` applied).
         train: whether this comparison trains it (a recipe under ``--train``).
+        label: the learner (table row) it is tested as: ``LABEL`` of a ``LABEL=RUN_OR_RECIPE``
+            argument, else ``name``. Runs sharing a label fill different cells of one row.
     """
 
     name: str
@@ -58,6 +62,10 @@ class Contender:
     run_dir: Path
     config: Config
     train: bool = False
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
 
 
 @dataclass(frozen=True)
@@ -109,18 +117,38 @@ def recipe_contender(path: Path, out_dir: Path, train_overrides: list[str] | Non
     return Contender(name, str(path), run_dir, config)
 
 
+def split_label(argument: str) -> tuple[str, str]:
+    """``"maml=runs/maml_5w"`` -> ``("maml", "runs/maml_5w")``; ``("", argument)`` for an argument
+    without ``=`` or one that names an existing path."""
+    if "=" not in argument or Path(argument).exists():
+        return "", argument
+    label, _, path = argument.partition("=")
+    if not label or not path:
+        raise ValueError(
+            f"{argument!r}: a labelled learner is LABEL=RUN_OR_RECIPE with both parts given "
+            "(e.g. maml=runs/maml_omniglot_20w1s)"
+        )
+    return label, path
+
+
 def contender(argument: str, out_dir: Path, train_overrides: list[str] | None) -> Contender:
-    """The learner named by ``argument``: a run folder holding ``best.pt``, or a recipe YAML."""
-    path = Path(argument)
+    """The learner named by ``argument``: a run folder holding ``best.pt`` or a recipe YAML, either
+    optionally as ``LABEL=PATH``."""
+    label, given = split_label(argument)
+    path = Path(given)
     if path.is_dir():
-        return Contender(path.name, argument, path, run_config(path))
-    if path.is_file() and path.suffix in RECIPE_SUFFIXES:
-        return recipe_contender(path, out_dir, train_overrides)
-    if path.exists():
-        raise ValueError(f"{argument} is neither a run folder nor a recipe (.yaml): give one of those")
-    raise FileNotFoundError(
-        f"{argument} does not exist; give run folders (holding best.pt) or recipes (configs/*.yaml)"
-    )
+        found = Contender(path.name, argument, path, run_config(path))
+    elif path.is_file() and path.suffix in RECIPE_SUFFIXES:
+        found = recipe_contender(path, out_dir, train_overrides)
+        found.source = argument
+    elif path.exists():
+        raise ValueError(f"{given} is neither a run folder nor a recipe (.yaml): give one of those")
+    else:
+        raise FileNotFoundError(
+            f"{given} does not exist; give run folders (holding best.pt) or recipes (configs/*.yaml)"
+        )
+    found.label = label or found.name
+    return found
 
 
 def contenders(arguments: Sequence[str], out_dir: Path, train_overrides: list[str] | None) -> list[Contender]:
@@ -215,6 +243,30 @@ def fixed_ways(hparams: dict[str, Any]) -> int | None:
     """The number of ways a learner's output layer is built for, or None when it takes any."""
     ways = hparams.get("ways")
     return int(ways) if ways else None
+
+
+def check_labels(found: Sequence[Contender], cells: Sequence[Cell]) -> None:
+    """Raise ``ValueError`` when two runs of one label would both be tested in a cell (a label joins
+    runs whose output layers are built for different numbers of ways)."""
+    by_label: dict[str, list[Contender]] = {}
+    for c in found:
+        by_label.setdefault(c.label, []).append(c)
+    for label, members in by_label.items():
+        if len(members) < 2:
+            continue
+        claimed: dict[Cell, str] = {}
+        for c in members:
+            ways = fixed_ways(load_checkpoint(c.run_dir / "best.pt")["hparams"])
+            for cell in cells:
+                if ways is not None and cell.ways != ways:
+                    continue
+                if cell in claimed:
+                    raise ValueError(
+                        f"{claimed[cell]} and {c.name} are both labelled {label!r} and would both be tested "
+                        f"at {cell.label}: a label joins runs built for different numbers of ways "
+                        "(e.g. maml=runs/maml_omniglot_5w1s maml=runs/maml_omniglot_20w1s)"
+                    )
+                claimed[cell] = c.name
 
 
 # ----- training ------------------------------------------------------------------------------------
@@ -314,6 +366,7 @@ def episode_values(
         values[cell] = episode_metrics(learner, sampler, episodes, batch_size, device, progress)
     described = {
         "name": c.name,
+        "label": c.label,
         "algorithm": best["algorithm"],
         "source": c.source,
         "run_dir": str(c.run_dir),
@@ -350,7 +403,7 @@ def compare(
         episodes, seed: test episodes per cell and their sampler seed.
         train_overrides: ``["train.steps=N", "train.max_minutes=M"]``, the budget every recipe is
             trained with; None: recipes must already have a finished run at their ``run_dir``.
-        reference: the name paired differences are taken against (default: the first learner).
+        reference: the label paired differences are taken against (default: the first learner's).
         device: where to evaluate (default: the first run's ``device`` setting).
     """
     if episodes < 2:
@@ -358,21 +411,21 @@ def compare(
     if queries < 1:
         raise ValueError(f"--queries must be at least 1, got {queries}")
     found = contenders(arguments, Path(out_dir), train_overrides)
-    names = [c.name for c in found]
-    reference = names[0] if reference is None else reference
-    if reference not in names:
-        raise ValueError(f"--reference {reference!r} is none of the learners compared: {', '.join(names)}")
+    labels = list(dict.fromkeys(c.label for c in found))
+    reference = labels[0] if reference is None else reference
+    if reference not in labels:
+        raise ValueError(f"--reference {reference!r} is none of the learners compared: {', '.join(labels)}")
     source = shared_test_source(found)
     cells = plan_cells(source.dataset(source.config.data.test_split), ways, shots, queries)
     for c in found:
         if c.train:
             train_contender(c, progress)
+    check_labels(found, cells)
     evaluation_device = distributed.local_device(device or found[0].config.device)
-    learners, values = [], {}
+    learners, values = [], {label: {} for label in labels}
     for c in found:
-        described, values[c.name] = episode_values(
-            c, source, cells, episodes, seed, evaluation_device, progress
-        )
+        described, by_cell = episode_values(c, source, cells, episodes, seed, evaluation_device, progress)
+        values[c.label].update(by_cell)
         learners.append(described)
     notes = [
         f"{d['name']} has a fixed {d['fixed_ways']}-way output layer: tested at {d['fixed_ways']}-way only"

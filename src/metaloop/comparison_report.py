@@ -1,8 +1,9 @@
 """The files of ``metaloop compare``: ``comparison.json``, ``comparison.md`` and the plots it embeds.
 
 Works on the JSON-ready comparison :func:`metaloop.compare.compare` returns: ``settings``,
-``learners`` (one dict each: name, algorithm, run folder, training cost, ...), ``cells`` (one per
-(ways, shots): ``accuracy`` and ``difference`` by learner name, None where n/a) and ``notes``.
+``learners`` (one dict per run: name, label, algorithm, run folder, training cost, ...), ``cells``
+(one per (ways, shots): ``accuracy`` and ``difference`` by label, None where n/a) and ``notes``.
+Tables have a row per label (runs joined under one label share a row), in the order of the runs.
 Accuracies are fractions there and percent (points) in the markdown.
 """
 
@@ -41,6 +42,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def labels(comparison: dict[str, Any]) -> list[str]:
+    """The learners' labels (the rows of the tables) in the order of their first run."""
+    return list(dict.fromkeys(d["label"] for d in comparison["learners"]))
+
+
 def cells_where(comparison: dict[str, Any], key: str, value: int) -> list[dict[str, Any]]:
     """The cells with ``cell[key] == value`` (``key``: ``"ways"`` or ``"shots"``), in order."""
     return [cell for cell in comparison["cells"] if cell[key] == value]
@@ -48,7 +54,7 @@ def cells_where(comparison: dict[str, Any], key: str, value: int) -> list[dict[s
 
 def shots_points(comparison: dict[str, Any], ways: int) -> dict[str, list[tuple[int, float, float]]]:
     """``{learner: [(shots, mean, ci95), ...]}`` at ``ways``, for learners tested there."""
-    points: dict[str, list[tuple[int, float, float]]] = {d["name"]: [] for d in comparison["learners"]}
+    points: dict[str, list[tuple[int, float, float]]] = {label: [] for label in labels(comparison)}
     for cell in cells_where(comparison, "ways", ways):
         for name, result in cell["accuracy"].items():
             if result is not None:
@@ -81,7 +87,7 @@ def draw_plots(comparison: dict[str, Any], out_dir: Path) -> tuple[dict[int, str
 def accuracy_sections(comparison: dict[str, Any], shot_plots: dict[int, str]) -> list[str]:
     """Markdown: accuracy against shots (a table and plot per number of ways), then against ways (a
     table per number of shots)."""
-    names = [d["name"] for d in comparison["learners"]]
+    names = labels(comparison)
     lines = ["", "## Accuracy vs shots"]
     for ways in comparison["settings"]["ways"]:
         cells = cells_where(comparison, "ways", ways)
@@ -102,7 +108,7 @@ def accuracy_sections(comparison: dict[str, Any], shot_plots: dict[int, str]) ->
 def difference_section(comparison: dict[str, Any]) -> list[str]:
     """Markdown: every learner's paired difference against the reference, in every cell."""
     reference, cells = comparison["settings"]["reference"], comparison["cells"]
-    others = [d["name"] for d in comparison["learners"] if d["name"] != reference]
+    others = [label for label in labels(comparison) if label != reference]
     lines = [
         "",
         f"## Paired differences against {reference}",
@@ -137,7 +143,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         seconds = [seconds_text(cost["train_seconds"]), seconds_text(cost["wall_seconds"])]
         trained = "yes" if d["trained_here"] else "no"
         rows.append(
-            [d["name"], d["algorithm"], trained, steps, str(d["best_step"]), *seconds, f"`{d['run_dir']}`"]
+            [d["label"], d["algorithm"], trained, steps, str(d["best_step"]), *seconds, f"`{d['run_dir']}`"]
         )
     return [
         "",
@@ -154,9 +160,10 @@ def comparison_markdown(
     comparison: dict[str, Any], shot_plots: dict[int, str], curves: str | None, notes: Sequence[str]
 ) -> str:
     """``comparison.md``: accuracy vs shots and vs ways, paired differences, training cost, plots, notes."""
-    s, learners = comparison["settings"], comparison["learners"]
+    s, learners, rows = comparison["settings"], comparison["learners"], labels(comparison)
+    runs = f" ({len(learners)} runs)" if len(learners) != len(rows) else ""
     lines = [
-        f"# Comparison of {len(learners)} learners",
+        f"# Comparison of {len(rows)} learners{runs}",
         "",
         f"Every learner is tested on the same {s['episodes']} episodes per cell, drawn with seed {s['seed']} "
         f"from {s['test_data']}, {s['queries']} queries per class. Accuracy in percent: mean ± 95% CI "
