@@ -146,19 +146,7 @@ def test_a_label_joins_runs_of_different_ways_into_one_learner(runs, image_folde
     ]
     out = tmp_path / "comparison"
     argv = ["compare", str(runs["protonet"]), *(f"maml={r}" for r in recipes), "--out", str(out)]
-    argv += [
-        "--ways",
-        "2",
-        "3",
-        "--shots",
-        "1",
-        "--episodes",
-        "6",
-        "--train",
-        "--steps",
-        "3",
-        "--no-progress",
-    ]
+    argv += "--ways 2 3 --shots 1 --episodes 6 --train --steps 3 --no-progress".split()
     assert main(argv) == 0
     assert "2 learners compared" in capsys.readouterr().out
     comparison = json.loads((out / "comparison.json").read_text())
