@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_class_images
+from matplotlib.colors import to_rgba
 from PIL import Image
 
 from metaloop import report, train
@@ -17,6 +18,7 @@ from metaloop.cli import main
 from metaloop.report import (
     RIGHT,
     WRONG,
+    learning_curves_figure,
     plot_accuracy_vs_shots,
     plot_episode_grid,
     plot_learning_curves,
@@ -72,6 +74,19 @@ def test_learning_curves_of_several_runs(two_runs, tmp_path):
     image = assert_plot(tmp_path / "curves")
     # the default colours of the two runs (C0 blue, C1 orange) are both drawn
     assert count_colour(image, "#1f77b4", 20) > 500 and count_colour(image, "#ff7f0e", 20) > 500
+
+
+def test_many_runs_share_one_legend_beside_the_panels(two_runs):
+    few = learning_curves_figure(two_runs)
+    assert not few.legends and all(ax.get_legend() is not None for ax in few.axes)
+    many = {f"run{i}": run_dir for i in range(12) for run_dir in [list(two_runs.values())[i % 2]]}
+    figure = learning_curves_figure(many)
+    assert all(ax.get_legend() is None for ax in figure.axes)  # no legend covers a curve
+    (legend,) = figure.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert len(texts) == 12 and all(text.startswith(f"run{i}") for i, text in enumerate(texts))
+    colours = {tuple(to_rgba(line.get_color())) for line in figure.axes[0].lines}
+    assert len(colours) == 12  # beyond matplotlib's ten default colours, none repeats
 
 
 def write_log(run_dir, records):

@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from metaloop.algorithms.base import MetaLearner
 from metaloop.fileio import atomic_write_bytes
@@ -36,6 +38,14 @@ from metaloop.tasks.episodes import TaskBatch
 
 FORMATS = ("png", "svg")
 RIGHT, WRONG = "#1a9641", "#d7191c"  # frame colours of right and wrong predictions
+LEGENDS_IN_PANELS_MAX = 4  # more runs than this share one legend beside the panels
+
+
+def run_colours(n: int) -> list[Any]:
+    """``n`` distinct line colours: matplotlib's ten defaults, or the twenty of tab20 beyond ten."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    return [colormaps["tab20"](i % 20) for i in range(n)]
 
 
 def save_figure(fig: Figure, out_stem: str | os.PathLike) -> list[Path]:
@@ -113,7 +123,12 @@ def _task_shapes(run_dir: Path) -> str | None:
 
 
 def plot_learning_curves(runs: Mapping[str, str | os.PathLike], out_stem: str | os.PathLike) -> list[Path]:
-    """One figure of every run's meta-training curves; returns the PNG and SVG paths.
+    """:func:`learning_curves_figure` of ``runs`` saved as ``<out_stem>.png`` and ``.svg``; their paths."""
+    return save_figure(learning_curves_figure(runs), out_stem)
+
+
+def learning_curves_figure(runs: Mapping[str, str | os.PathLike]) -> Figure:
+    """One figure of every run's meta-training curves.
 
     Top row against the outer step, bottom row against wall-clock seconds (see
     :func:`train_wall_seconds`): meta-train loss, meta-val accuracy (or MSE), and on the right the
@@ -122,12 +137,12 @@ def plot_learning_curves(runs: Mapping[str, str | os.PathLike], out_stem: str | 
     metrics are measured as training runs (``train`` task shape, ``inner_steps``) and validation as
     evaluation does (``eval`` shape, ``eval_inner_steps``), so the gap also holds those differences;
     where a run's training and validation tasks differ in shape (the default recipe trains 20-way and
-    validates 5-way) its legend entry says so.
+    validates 5-way) its legend entry says so. Up to ``LEGENDS_IN_PANELS_MAX`` runs each panel has
+    its legend; more share one legend to the right of the panels, so that none hides a curve.
 
     Args:
         runs: ``{legend label: run folder}``; the runs must all be classification (accuracy) or all
             regression (MSE).
-        out_stem: output path without extension.
     """
     if not runs:
         raise ValueError("plot_learning_curves needs at least one run")
@@ -145,13 +160,16 @@ def plot_learning_curves(runs: Mapping[str, str | os.PathLike], out_stem: str | 
     scale, name, unit = (100.0, "accuracy", "accuracy (%)") if metric == "accuracy" else (1.0, "MSE", "MSE")
     sign = 1.0 if metric == "accuracy" else -1.0  # gap = train − val accuracy, val − train MSE
 
-    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    shared_legend = len(logs) > LEGENDS_IN_PANELS_MAX
+    fig = Figure(figsize=(19 if shared_legend else 15, 8.5), layout="constrained")
     axes = fig.subplots(2, 3)
     for ax in (axes[0, 1], axes[0, 2], axes[1, 2]):
         ax.sharex(axes[0, 0])  # outer steps
     axes[1, 1].sharex(axes[1, 0])  # wall-clock
-    for i, (label, (train, val)) in enumerate(logs.items()):
-        color = f"C{i % 10}"
+    entries = []  # one legend handle per run, for the shared legend
+    for color, (label, (train, val)) in zip(run_colours(len(logs)), logs.items(), strict=True):
+        shapes = _task_shapes(Path(runs[label])) if metric == "accuracy" else None
+        entries.append(Line2D([], [], color=color, label=f"{label} ({shapes})" if shapes else label))
         steps, loss = _column(train, "step"), _column(train, "train_loss")
         val_steps, val_metric = _column(val, "step"), scale * _column(val, f"val_{metric}")
         train_metric = scale * _column(train, f"train_{metric}")
@@ -164,9 +182,7 @@ def plot_learning_curves(runs: Mapping[str, str | os.PathLike], out_stem: str | 
         axes[0, 2].plot(val_steps, val_metric, "o--", color=color, markersize=3, label=f"{label} (val)")
         if len(steps) and len(val_steps):
             gap = sign * (np.interp(val_steps, steps, train_metric) - val_metric)
-            shapes = _task_shapes(Path(runs[label])) if metric == "accuracy" else None
-            gap_legend = f"{label} ({shapes})" if shapes else label
-            axes[1, 2].plot(val_steps, gap, "o-", color=color, markersize=3, label=gap_legend)
+            axes[1, 2].plot(val_steps, gap, "o-", color=color, markersize=3, label=entries[-1].get_label())
     gap_label = "train − val accuracy (points)" if metric == "accuracy" else "val − train MSE"
     panels = [
         (axes[0, 0], "meta-train loss", "outer step", "loss"),
@@ -179,7 +195,7 @@ def plot_learning_curves(runs: Mapping[str, str | os.PathLike], out_stem: str | 
     for ax, title, xlabel, ylabel in panels:
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if ax.lines and not shared_legend:
             ax.legend(fontsize="small")
     log_scale = [axes[0, 0], axes[1, 0]]
     if metric == "mse":
@@ -190,7 +206,9 @@ def plot_learning_curves(runs: Mapping[str, str | os.PathLike], out_stem: str | 
         if values.size and values.min() > 0 and values.max() >= 10 * values.min():
             ax.set_yscale("log")
     axes[1, 2].axhline(0.0, color="0.5", linewidth=0.8)
-    return save_figure(fig, out_stem)
+    if shared_legend:
+        fig.legend(handles=entries, loc="outside right upper", fontsize="small", title="runs")
+    return fig
 
 
 def write_learning_curve(run_dir: str | os.PathLike) -> list[Path]:
