@@ -155,7 +155,7 @@ def _eval_attack(args: argparse.Namespace, state: dict[str, Any], config: Config
 
 def _compare(args: argparse.Namespace) -> int:
     from metaloop.compare import compare
-    from metaloop.comparison_report import write_comparison_report
+    from metaloop.comparison_report import labels, write_comparison_report
 
     budget = [f"train.steps={args.steps}"] if args.steps is not None else []
     if args.minutes is not None:
@@ -181,8 +181,7 @@ def _compare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     json_path, markdown_path = write_comparison_report(comparison, args.out)
-    learners = len({d["label"] for d in comparison["learners"]})
-    print(f"{learners} learners compared: {markdown_path}, {json_path}")
+    print(f"{len(labels(comparison))} learners compared: {markdown_path}, {json_path}")
     return 0
 
 

@@ -147,7 +147,8 @@ def contender(argument: str, out_dir: Path, train_overrides: list[str] | None) -
         raise FileNotFoundError(
             f"{given} does not exist; give run folders (holding best.pt) or recipes (configs/*.yaml)"
         )
-    found.label = label or found.name
+    if label:
+        found.label = label
     return found
 
 
