@@ -146,6 +146,41 @@ def reptile_gradient(
     return g, query_loss / batch.num_tasks
 
 
+def reptile_adam_gradient(
+    net: Net,
+    params: Params,
+    batch: TaskBatch,
+    lr: float,
+    batches: list[torch.Tensor],
+    optimizer_state: dict | None = None,
+) -> tuple[Params, torch.Tensor, torch.optim.Adam]:
+    """Reptile as Nichol et al.'s code runs it: one ``torch.optim.Adam(betas=(0, 0.999))`` whose
+    state persists from task to task; each task restarts from θ and takes a step on each
+    minibatch ``batches[t][j]`` (support rows). Returns g = θ − (1/T) Σ_t θ_t, the mean query
+    loss at the θ_t and the optimiser (its state is what the next meta-batch starts from)."""
+    start = {name: p.detach().clone() for name, p in params.items()}
+    weights = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    optimizer = torch.optim.Adam(list(weights.values()), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    total = {name: torch.zeros_like(p) for name, p in start.items()}
+    query_loss = 0.0
+    for t in range(batch.num_tasks):
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.copy_(start[name])
+        for rows in batches[t]:
+            optimizer.zero_grad()
+            task_loss(net(weights, batch.support_x[t][rows]), batch.support_y[t][rows]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            for name in total:
+                total[name] += weights[name]
+            query_loss = query_loss + task_loss(net(weights, batch.query_x[t]), batch.query_y[t])
+    g = {name: start[name] - total[name] / batch.num_tasks for name in start}
+    return g, query_loss / batch.num_tasks, optimizer
+
+
 def meta_gradient(loss: torch.Tensor, tensors: Params) -> Params:
     """∂loss/∂tensor for each named tensor."""
     grads = torch.autograd.grad(loss, list(tensors.values()))

@@ -215,6 +215,41 @@ def test_unknown_nonfinite_action_is_rejected(image_folder, tmp_path):
         Trainer(tiny_config(image_folder, tmp_path / "run", "train.on_nonfinite=ignore"), progress=False)
 
 
+def test_sgd_with_a_linear_schedule_is_reptiles_annealed_outer_step(image_folder, tmp_path):
+    """train.optimizer=sgd, train.lr_schedule=linear: ε = lr (1 − step / steps); the logged rate
+    follows it, and a run stopped after one step and resumed ends with the same weights."""
+    extra = ("train.optimizer=sgd", "train.lr=1.0", "train.lr_schedule=linear")
+    trainer = Trainer(tiny_config(image_folder, tmp_path / "run", *extra), progress=False)
+    assert type(trainer.optimizer) is torch.optim.SGD
+    rates = []
+    for _ in range(12):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert rates == pytest.approx([1 - k / 12 for k in range(12)])
+    run(tiny_config(image_folder, tmp_path / "whole", *extra), progress=False)
+    logged = [r["lr"] for r in metric_lines(tmp_path / "whole") if "lr" in r]
+    assert logged == pytest.approx([1 - 3 / 12, 1 - 6 / 12, 1 - 9 / 12, 0.0])
+    run(tiny_config(image_folder, tmp_path / "split", *extra, "train.max_minutes=0.00001"), progress=False)
+    run(tiny_config(image_folder, tmp_path / "split", *extra), resume=True, progress=False)
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")["model"]
+    split = load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, split[name]), name
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.optimizer=rmsprop", "train.optimizer must be one of adam, sgd, got 'rmsprop'"),
+        ("train.lr_schedule=cosine", "train.lr_schedule must be one of step, linear, got 'cosine'"),
+    ],
+)
+def test_unknown_optimizer_or_schedule_is_rejected(image_folder, tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(tiny_config(image_folder, tmp_path / "run", setting), progress=False)
+
+
 def test_time_budget_stops_early_validates_and_resumes_within_it(image_folder, tmp_path):
     """train.max_minutes: a budget too small for one step stops after it, validated and saved."""
     config = tiny_config(image_folder, tmp_path / "run", "train.max_minutes=0.00001")

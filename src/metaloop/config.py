@@ -31,6 +31,8 @@ class AlgorithmConfig:
     inner_steps: int | None = None  # inner SGD steps while meta-training
     eval_inner_steps: int | None = None  # inner SGD steps at test time
     first_order: bool | None = None
+    inner_optimizer: str | None = None  # Reptile: sgd (full batch, Algorithm 1) | adam (the paper's code)
+    inner_batch_size: int | None = None  # Reptile: support examples per inner step (default: all)
     strategy: str | None = None  # how the tasks of a meta-batch run: auto | loop | vmap | batched
     num_context_params: int | None = None  # CAVIA
     alpha_low: float | None = None  # Meta-SGD: α initialised uniformly in [alpha_low, alpha_high]
@@ -45,6 +47,7 @@ class AlgorithmConfig:
     finetune_backbone: bool | None = None  # transfer baseline: fine-tune the embedding too, per task
     loss: str | None = None  # siamese: bce (weighted L1 + sigmoid, Koch) | contrastive
     margin: float | None = None  # siamese, contrastive loss: margin m
+    negatives: str | None = None  # siamese: cycle (other classes in turn) | hardest (mined)
     d_model: int | None = None  # attention (model-based learner): token width
     layers: int | None = None  # attention: Transformer layers reading the support sequence
     heads: int | None = None  # attention: heads per layer
@@ -76,7 +79,9 @@ class TrainConfig:
     max_shots: int | None = None  # variable-shot episodes: shots drawn per task in [shots, max_shots]
     augment: str = "none"  # training tasks: none | rot90 | shift | rot90+shift (metaloop.tasks.augment)
     steps: int = 600  # outer steps
+    optimizer: str = "adam"  # outer optimiser: adam | sgd (lr = Reptile's outer step size ε)
     lr: float = 0.001
+    lr_schedule: str = "step"  # step: × lr_decay_gamma every lr_decay_every | linear: to 0 at `steps`
     lr_decay_every: int = 2000  # steps between learning-rate decays (Snell et al.: halve every 2000)
     lr_decay_gamma: float = 0.5
     log_every: int = 50  # steps averaged into one metrics-log line

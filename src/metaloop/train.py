@@ -1,4 +1,4 @@
-"""The outer loop: meta-train with Adam and step decay, meta-validate, keep the best model,
+"""The outer loop: meta-train (Adam or SGD, step or linear decay), meta-validate, keep the best model,
 checkpoint atomically, resume exactly, log metrics, and finally evaluate on meta-test.
 
 A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line),
@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from metaloop import distributed
 from metaloop.algorithms import LEARNERS, build_learner
 from metaloop.algorithms.base import MetaLearner
 from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metaloop.config import Config, ConfigError, config_from_dict, config_to_yaml
+from metaloop.config import Config, ConfigError, TrainConfig, config_from_dict, config_to_yaml
 from metaloop.data import load_dataset
 from metaloop.data.base import ClassImages
 from metaloop.evaluate import EvalResult, Sampler, evaluate
@@ -178,6 +179,25 @@ def learner_from_checkpoint(state: dict[str, Any]) -> MetaLearner:
 
 NONFINITE_ACTIONS = ("stop", "skip", "lower_lr")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("step", "linear")
+
+
+def outer_optimizer(
+    params: Iterable[torch.nn.Parameter], t: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The outer optimiser of ``train.optimizer`` (Adam, or plain SGD: Reptile's step
+    θ ← θ − ε g with ε = lr) and its schedule: ``step`` multiplies the rate by
+    ``lr_decay_gamma`` every ``lr_decay_every`` steps; ``linear`` takes it from ``lr`` at step 0
+    to 0 at step ``steps`` (Nichol et al. 2018 anneal Reptile's ε so)."""
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.Adam(params, lr=t.lr) if t.optimizer == "adam" else torch.optim.SGD(params, lr=t.lr)
+    )
+    if t.lr_schedule == "linear":
+        total = t.steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total))
+        return optimizer, schedule
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, t.lr_decay_gamma)
 
 
 class TrainingDiverged(RuntimeError):
@@ -211,6 +231,12 @@ class Trainer:
             raise ConfigError(
                 f"train.precision must be one of {', '.join(PRECISIONS)}, got {config.train.precision!r}"
             )
+        for key, value, options in (
+            ("optimizer", config.train.optimizer, OPTIMIZERS),
+            ("lr_schedule", config.train.lr_schedule, LR_SCHEDULES),
+        ):
+            if value not in options:
+                raise ConfigError(f"train.{key} must be one of {', '.join(options)}, got {value!r}")
         if config.train.keep_checkpoints < 0:
             raise ConfigError(f"train.keep_checkpoints must be >= 0, got {config.train.keep_checkpoints}")
         self.config = config
@@ -238,8 +264,7 @@ class Trainer:
                 f"strays too far from float32 (cosine < 0.99, tests/test_amp.py); use train.precision=fp32. "
                 f"bf16 is offered for: {safe}"
             )
-        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=t.lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, t.lr_decay_every, t.lr_decay_gamma)
+        self.optimizer, self.scheduler = outer_optimizer(self.learner.parameters(), t)
         self.state = RunState()
 
     # ----- files ---------------------------------------------------------------------------

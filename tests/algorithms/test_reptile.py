@@ -10,9 +10,11 @@ from gradient_helpers import (
     net_params,
     small_learner,
 )
-from reference import conv_net, mlp_net, reptile_gradient
+from reference import conv_net, mlp_net, reptile_adam_gradient, reptile_gradient
 
 from metaloop.algorithms import Reptile, build_learner
+from metaloop.algorithms.reptile import minibatch_indices
+from metaloop.tasks.episodes import TaskBatch
 from metaloop.tasks.sinusoid import SinusoidTasks
 
 
@@ -75,3 +77,107 @@ def test_reptile_learns_sinusoid_regression():
         loss.backward()
         optimizer.step()
     assert mse() < 0.5 * before
+
+
+def adam_learner(**hparams: object) -> Reptile:
+    settings = {"inner_steps": 3, "inner_lr": 0.01, "inner_optimizer": "adam", "inner_batch_size": 4}
+    return small_learner("reptile", "conv4", **{**settings, **hparams})
+
+
+def call_batches(batch, size: int, steps: int) -> list[torch.Tensor]:
+    """The minibatches one call of the learner draws for each task (a generator seeded with 0)."""
+    generator = torch.Generator().manual_seed(0)
+    n = batch.support_x.shape[1]
+    return [minibatch_indices(n, size, steps, generator) for _ in range(batch.num_tasks)]
+
+
+def test_minibatches_are_shuffled_passes_without_replacement():
+    rows = minibatch_indices(6, 4, 3, torch.Generator().manual_seed(1))
+    assert rows.shape == (3, 4)
+    flat = rows.flatten()
+    assert sorted(flat[:6].tolist()) == list(range(6))  # the first pass: each example once
+    assert sorted(flat[6:].tolist()) == list(range(6))  # the second pass: a fresh shuffle
+    assert not torch.equal(flat[:6], flat[6:])
+    assert minibatch_indices(5, 10, 2, torch.Generator()).shape == (2, 5)  # b = min(batch, n)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+def test_adam_inner_loop_matches_torch_adam_carried_across_tasks(strategy):
+    """Two meta-batches in a row: the meta-gradient, the logged loss and the carried v and k
+    equal those of one torch.optim.Adam (betas (0, 0.999)) stepping through the tasks in turn."""
+    learner = adam_learner(strategy=strategy)
+    state = None
+    for seed in (0, 1):
+        batch = batch_for("conv4", seed=seed)
+        params = net_params(learner)
+        g, ref_loss, optimizer = reptile_adam_gradient(
+            conv_net, params, batch, 0.01, call_batches(batch, 4, 3), state
+        )
+        state = optimizer.state_dict()
+        loss, grads = learner_gradients(learner, batch)
+        assert max_difference(grads, {"net." + k: v for k, v in g.items()}) < TOLERANCE
+        assert abs(loss.item() - ref_loss.item()) < TOLERANCE
+        adam_state = optimizer.state_dict()["state"]
+        for index, name in enumerate(params):
+            carried = getattr(learner.inner_adam, name.replace(".", "__"))
+            assert (carried - adam_state[index]["exp_avg_sq"]).abs().max() < TOLERANCE
+            assert (
+                learner.inner_adam.steps.item() == adam_state[index]["step"].item() == 2 * 3 * 3
+                if seed
+                else 3 * 3
+            )
+
+
+def test_adaptation_at_test_time_starts_from_and_keeps_the_trained_moments():
+    learner = adam_learner(eval_inner_steps=5)
+    batch = batch_for("conv4")
+    learner.meta_loss(batch)
+    saved = {k: v.clone() for k, v in learner.state_dict().items()}
+    params = net_params(learner)
+    _, _, optimizer = reptile_adam_gradient(conv_net, params, batch, 0.01, call_batches(batch, 4, 3))
+    g, _, _ = reptile_adam_gradient(
+        conv_net, params, batch.task(0), 0.01, call_batches(batch.task(0), 4, 5), optimizer.state_dict()
+    )
+    expected = {name: p - g[name] for name, p in params.items()}  # θ_0: the only task
+    predictor = learner.adapt(batch.support_x[0], batch.support_y[0])
+    assert (predictor(batch.query_x[0]) - conv_net(expected, batch.query_x[0])).abs().max() < TOLERANCE
+    learner.predict(batch)
+    for key, value in learner.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_minibatch_sgd_takes_plain_steps_on_the_drawn_rows():
+    learner = small_learner("reptile", "conv4", inner_steps=2, inner_lr=0.1, inner_batch_size=4)
+    batch = batch_for("conv4")
+    params = net_params(learner)
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for t, rows in enumerate(call_batches(batch, 4, 2)):
+        fast = dict(params)
+        for r in rows:
+            sub = TaskBatch(
+                batch.support_x[t : t + 1, r],
+                batch.support_y[t : t + 1, r],
+                batch.query_x[t : t + 1],
+                batch.query_y[t : t + 1],
+                batch.ways,
+            )
+            g, _ = reptile_gradient(conv_net, fast, sub, 0.1, 1)
+            fast = {name: (p - g[name]).detach().requires_grad_() for name, p in fast.items()}
+        for name in total:
+            total[name] += fast[name].detach()
+    expected = {"net." + name: p.detach() - total[name] / batch.num_tasks for name, p in params.items()}
+    _, grads = learner_gradients(learner, batch)
+    assert max_difference(grads, expected) < TOLERANCE
+    assert learner.inner_adam is None
+
+
+def test_adam_moments_round_trip_through_the_state_dict_and_bad_options_are_refused():
+    learner = adam_learner()
+    learner.meta_loss(batch_for("conv4"))
+    copy = adam_learner(seed=1)
+    copy.load_state_dict(learner.state_dict())
+    assert torch.equal(copy.inner_adam.steps, learner.inner_adam.steps)
+    with pytest.raises(ValueError, match="unknown inner_optimizer 'rmsprop'; use one of sgd, adam"):
+        Reptile(inner_optimizer="rmsprop")
+    with pytest.raises(ValueError, match="inner_batch_size must be a positive int"):
+        Reptile(inner_batch_size=0)

@@ -53,6 +53,39 @@ def test_bce_loss_is_the_weighted_l1_pair_loss():
 
 
 @pytest.mark.parametrize("loss", ["bce", "contrastive"])
+def test_hardest_negatives_pair_each_query_with_its_most_similar_other_class_example(loss):
+    """4-way 2-shot 2-query by hand: the same-class pairs are those of ``cycle``; each query's
+    different-class partner is the other-class support example scoring highest against it."""
+    torch.manual_seed(0)
+    learner = Siamese(hidden=8, image_size=16, loss=loss, negatives="hardest")
+    g = torch.Generator().manual_seed(2)
+    support_x, query_x = torch.rand(1, 8, 1, 16, 16, generator=g), torch.rand(1, 8, 1, 16, 16, generator=g)
+    support_y = torch.arange(4).repeat_interleave(2)[None]
+    query_y = torch.arange(4).repeat_interleave(2)[None]
+    from metaloop.tasks.episodes import TaskBatch
+
+    loss_value, _ = learner.meta_loss(TaskBatch(support_x, support_y, query_x, query_y, 4))
+    z = learner.encoder(torch.cat([support_x[0], query_x[0]]))
+    zs, zq = z[:8], z[8:]
+    # query j (class c, the r-th of its class) meets support example r of class c: row 2c + r
+    positives = [learner.similarity(zq[j], zs[2 * int(query_y[0, j]) + j % 2]) for j in range(8)]
+    negatives = []
+    for j in range(8):
+        others = [i for i in range(8) if support_y[0, i] != query_y[0, j]]
+        negatives.append(max((learner.similarity(zq[j], zs[i]) for i in others), key=float))
+    scores = torch.stack(positives + negatives)
+    same = torch.tensor([1.0] * 8 + [0.0] * 8)
+    if loss == "bce":
+        expected = F.binary_cross_entropy_with_logits(scores, same)
+    else:
+        d = -scores
+        expected = (same * d.pow(2) + (1 - same) * (1.0 - d).clamp_min(0).pow(2)).mean()
+    assert loss_value.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown negatives 'random'; use one of cycle, hardest"):
+        Siamese(negatives="random")
+
+
+@pytest.mark.parametrize("loss", ["bce", "contrastive"])
 def test_batched_predict_equals_adapt_and_one_shot_takes_the_nearest(class_images, loss):
     torch.manual_seed(0)
     learner = Siamese(hidden=8, loss=loss).eval()

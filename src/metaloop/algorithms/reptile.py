@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from metaloop.algorithms.gradient_based import GradientLearner, build_backbone, network_problem
 from metaloop.inner import Forward, Params, StepSize
 from metaloop.tasks.episodes import TaskBatch
+
+INNER_OPTIMIZERS = ("sgd", "adam")
+ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # Nichol et al.'s inner Adam: betas (0, 0.999), TF's default ε
+
+
+def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """int64 ``[steps, b]`` rows of ``steps`` minibatches of ``b = min(batch_size, n)`` examples:
+    shuffled passes over the ``n`` examples cut into consecutive batches (a batch may straddle
+    two passes), as Nichol et al.'s ``_mini_batches`` without replacement."""
+    b = min(batch_size, n)
+    passes = -(-steps * b // n)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
+    return order[: steps * b].view(steps, b)
 
 
 class Reptile(GradientLearner):
@@ -22,15 +36,32 @@ class Reptile(GradientLearner):
     ``torch.optim.SGD(lr=ε)`` performs the update above (β = ε), and Adam the paper's variant.
     The tensor's *value* is the mean query loss after adaptation (what gets logged).
 
-    The paper's inner loop used Adam on minibatches; this one uses full-batch SGD on the
-    support set, the algorithm as stated in its Algorithm 1. Defaults (ours, not the paper's):
-    α = 0.1 (conv4) or 0.02 (mlp), 5 inner steps, 10 at test.
+    Inner optimiser: ``"sgd"`` (default) is full-batch SGD on the support set, the algorithm as
+    stated in the paper's Algorithm 1 (defaults, ours: α = 0.1 for conv4, 0.02 for mlp, 5 inner
+    steps, 10 at test). ``"adam"`` is what the paper's code ran for its Omniglot and
+    miniImageNet results: Adam with β1 = 0, β2 = 0.999 and step size α on minibatches of
+    ``inner_batch_size`` support examples, whose second-moment estimate v is *not* reset
+    between tasks: it is carried from task to task through meta-training and kept in the
+    learner (buffers ``inner_adam.*``, saved with it). At test time every task starts from the
+    trained v and leaves it unchanged. A task's step, with g its minibatch gradient and k the
+    number of Adam steps taken so far (k counted across tasks too):
+
+        v ← β2 v + (1 − β2) g²,   θ_i ← θ_i − α g / (sqrt(v / (1 − β2^k)) + 1e-8)
+
+    Because v is carried, the tasks of a meta-batch run one after another whatever the
+    strategy; under torchrun each rank carries its own v and the ranks' estimates are averaged
+    after every outer step (as all floating-point buffers are), so a distributed run is not
+    bit-identical to one process there.
 
     Args:
         backbone, in_channels, hidden, ways, strategy: as for :class:`metaloop.algorithms.maml.MAML`.
         inner_lr: α of the inner SGD.
         inner_steps: n during meta-training.
         eval_inner_steps: n at test time.
+        inner_optimizer: ``"sgd"`` or ``"adam"`` (see above).
+        inner_batch_size: support examples per inner step (``None``: the whole support set);
+            minibatches are drawn without replacement from a generator seeded with 0 at every
+            call, so the same batch gives the same numbers.
     """
 
     name = "reptile"
@@ -60,7 +91,15 @@ class Reptile(GradientLearner):
         inner_steps: int | None = None,
         eval_inner_steps: int | None = None,
         strategy: str = "auto",
+        inner_optimizer: str = "sgd",
+        inner_batch_size: int | None = None,
     ) -> None:
+        if inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(
+                f"unknown inner_optimizer {inner_optimizer!r}; use one of {', '.join(INNER_OPTIMIZERS)}"
+            )
+        if inner_batch_size is not None and inner_batch_size < 1:
+            raise ValueError(f"inner_batch_size must be a positive int or None, got {inner_batch_size!r}")
         super().__init__(
             backbone=backbone,
             in_channels=in_channels,
@@ -71,10 +110,23 @@ class Reptile(GradientLearner):
             eval_inner_steps=eval_inner_steps,
             first_order=True,
             strategy=strategy,
+            inner_optimizer=inner_optimizer,
+            inner_batch_size=inner_batch_size,
         )
         del self.hparams["first_order"]
         h = self.hparams
         self.net = build_backbone(backbone, in_channels, h["hidden"], h["ways"])
+        self.inner_adam: nn.Module | None = None
+        if inner_optimizer == "adam":
+            self.inner_adam = nn.Module()  # v of every weight, and k
+            for name, p in self.net.named_parameters():
+                self.inner_adam.register_buffer(name.replace(".", "__"), torch.zeros_like(p))
+            self.inner_adam.register_buffer("steps", torch.zeros(()))
+
+    @property
+    def plain_sgd(self) -> bool:
+        """Full-batch SGD steps: the shared inner loop (:class:`metaloop.inner.InnerLoop`) runs them."""
+        return self.hparams["inner_optimizer"] == "sgd" and self.hparams["inner_batch_size"] is None
 
     def inner_problem(self, meta: bool) -> tuple[Forward, Params, StepSize]:
         """All weights, fixed α, no graph (Reptile never differentiates through the inner loop)."""
@@ -86,10 +138,14 @@ class Reptile(GradientLearner):
         self.check_batch(batch)
         steps = int(self.hparams["inner_steps"])
         with torch.no_grad():
-            # meta=False: first order, θ cut from the graph
-            outputs, adapted = self.run_inner(
-                batch.support_x, batch.support_y, batch.query_x, steps, meta=False
-            )
+            if self.plain_sgd:  # meta=False: first order, θ cut from the graph
+                outputs, adapted = self.run_inner(
+                    batch.support_x, batch.support_y, batch.query_x, steps, meta=False
+                )
+            else:
+                outputs, adapted = self.minibatch_inner(
+                    batch.support_x, batch.support_y, batch.query_x, steps, carry_moments=True
+                )
             query_loss = self.loss(outputs, batch.query_y).mean()
         surrogate = sum(
             (theta * (theta.detach() - adapted[name].mean(0))).sum()
@@ -98,3 +154,58 @@ class Reptile(GradientLearner):
         # d(surrogate)/dθ = g exactly; the value is replaced by the query loss
         loss = surrogate - surrogate.detach() + query_loss
         return loss, self.metrics(outputs, batch, query_loss)
+
+    def run_inner(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, steps: int, meta: bool
+    ) -> tuple[torch.Tensor, Params]:
+        """Test-time adaptation (and full-batch SGD): see :meth:`GradientLearner.run_inner`."""
+        if self.plain_sgd:
+            return super().run_inner(support_x, support_y, query_x, steps, meta)
+        return self.minibatch_inner(support_x, support_y, query_x, steps, carry_moments=False)
+
+    def minibatch_inner(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        steps: int,
+        carry_moments: bool,
+    ) -> tuple[torch.Tensor, Params]:
+        """``steps`` minibatch SGD or Adam steps on each task's support set ``[T, N, ...]``, one
+        task after another, with no graph. Returns the query outputs ``[T, M, K]`` and the
+        adapted weights ``{name: [T, ...]}``. With ``carry_moments`` (meta-training) Adam's v and
+        k pass from each task to the next and are stored back in the learner."""
+        forward, params, lr = self.inner_problem(meta=False)
+        ways = int(support_y.max()) + 1 if self.task_type == "classification" else 0
+        if 0 < ways < int(self.hparams["ways"]):
+            forward = self.first_outputs(forward, ways)
+        adam = self.inner_adam
+        moments = {name: getattr(adam, name.replace(".", "__")) for name in params} if adam else {}
+        k = float(adam.steps) if adam else 0.0
+        size = self.hparams["inner_batch_size"] or support_x.shape[1]
+        generator = torch.Generator().manual_seed(0)
+        outputs, adapted = [], []
+        for x, y, qx in zip(support_x, support_y, query_x, strict=True):
+            fast, v, task_k = dict(params), dict(moments), k
+            for rows in minibatch_indices(x.shape[0], size, steps, generator):
+                with torch.enable_grad():
+                    leaves = {name: p.detach().requires_grad_() for name, p in fast.items()}
+                    loss = self.loss(forward(leaves, x[rows]), y[rows])
+                    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+                if adam is None:
+                    fast = {name: p - lr * grads[name] for name, p in fast.items()}
+                    continue
+                task_k += 1
+                correction = (1 - ADAM_BETA2**task_k) ** 0.5
+                for name, p in fast.items():
+                    v[name] = ADAM_BETA2 * v[name] + (1 - ADAM_BETA2) * grads[name].square()
+                    fast[name] = p - lr * grads[name] / (v[name].sqrt() / correction + ADAM_EPS)
+            if carry_moments:
+                moments, k = v, task_k
+            outputs.append(forward(fast, qx))
+            adapted.append(fast)
+        if adam is not None and carry_moments:
+            for name, value in moments.items():
+                getattr(adam, name.replace(".", "__")).copy_(value)
+            adam.steps.fill_(k)
+        return torch.stack(outputs), {name: torch.stack([f[name] for f in adapted]) for name in params}

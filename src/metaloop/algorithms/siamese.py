@@ -31,6 +31,7 @@ from metaloop.nn.conv4 import Conv4
 from metaloop.tasks.episodes import TaskBatch
 
 LOSSES = ("bce", "contrastive")
+NEGATIVES = ("cycle", "hardest")
 
 
 def episode_pairs(support_y: torch.Tensor, query_y: torch.Tensor, ways: int) -> tuple[torch.Tensor, ...]:
@@ -76,6 +77,10 @@ class Siamese(EmbeddingReader):
         hidden: filters per conv layer (64).
         loss: ``"bce"`` (Koch et al.) or ``"contrastive"`` (Hadsell et al.).
         margin: m of the contrastive loss (1.0).
+        negatives: each query's different-class partner: ``"cycle"`` (the other classes in turn,
+            :func:`episode_pairs`) or ``"hardest"`` (the support example of another class it is
+            currently most similar to, the pair the nearest-neighbour decision gets wrong first;
+            hard-negative mining as in FaceNet, Schroff et al. 2015). Balanced either way.
 
     Example:
         >>> learner = Siamese(in_channels=1, image_size=28)
@@ -93,11 +98,19 @@ class Siamese(EmbeddingReader):
         hidden: int = 64,
         loss: str = "bce",
         margin: float = 1.0,
+        negatives: str = "cycle",
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"unknown negatives {negatives!r}; use one of {', '.join(NEGATIVES)}")
         super().__init__(
-            in_channels=in_channels, image_size=image_size, hidden=hidden, loss=loss, margin=margin
+            in_channels=in_channels,
+            image_size=image_size,
+            hidden=hidden,
+            loss=loss,
+            margin=margin,
+            negatives=negatives,
         )
         self.encoder = Conv4(in_channels, hidden)
         dim = self.encoder.embedding_dim((in_channels, image_size, image_size))
@@ -123,6 +136,8 @@ class Siamese(EmbeddingReader):
         losses, correct = [], []
         for t in range(batch.num_tasks):
             q, s, same = episode_pairs(batch.support_y[t], batch.query_y[t], batch.ways)
+            if self.hparams.get("negatives", "cycle") == "hardest":
+                s = self.hardest_negatives(z[t, n:], z[t, :n], batch.support_y[t], batch.query_y[t], s)
             score = self.similarity(z[t, n + q], z[t, s])  # [2M]
             same = same.to(score.dtype)
             if self.hparams["loss"] == "contrastive":
@@ -134,6 +149,24 @@ class Siamese(EmbeddingReader):
                 correct.append(((score > 0).to(same.dtype) == same).float().mean())
         loss = torch.stack(losses).mean()
         return loss, {"loss": loss.item(), "accuracy": torch.stack(correct).mean().item()}
+
+    def hardest_negatives(
+        self,
+        query_z: torch.Tensor,
+        support_z: torch.Tensor,
+        support_y: torch.Tensor,
+        query_y: torch.Tensor,
+        partners: torch.Tensor,
+    ) -> torch.Tensor:
+        """``partners`` ``[2M]`` (from :func:`episode_pairs`: M same-class, then M other-class
+        support rows) with each query's other-class partner replaced by the support example of
+        another class most similar to it. Embeddings ``[M, D]`` / ``[N, D]``, labels ``[M]`` /
+        ``[N]``. The choice is made on detached scores; the loss still flows through the pair."""
+        with torch.no_grad():
+            scores = self.similarity(query_z.unsqueeze(1), support_z.unsqueeze(0))  # [M, N]
+            scores = scores.masked_fill(query_y[:, None] == support_y[None, :], float("-inf"))
+            hardest = scores.argmax(1)  # [M]
+        return torch.cat([partners[: query_y.numel()], hardest])
 
     def forward(
         self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor, ways: int
