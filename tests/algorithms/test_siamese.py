@@ -72,7 +72,8 @@ def test_hardest_negatives_pair_each_query_with_its_most_similar_other_class_exa
     negatives = []
     for j in range(8):
         others = [i for i in range(8) if support_y[0, i] != query_y[0, j]]
-        negatives.append(max((learner.similarity(zq[j], zs[i]) for i in others), key=float))
+        candidates = [learner.similarity(zq[j], zs[i]) for i in others]
+        negatives.append(max(candidates, key=lambda score: score.item()))
     scores = torch.stack(positives + negatives)
     same = torch.tensor([1.0] * 8 + [0.0] * 8)
     if loss == "bce":
