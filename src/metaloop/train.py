@@ -194,8 +194,7 @@ def outer_optimizer(
         torch.optim.Adam(params, lr=t.lr) if t.optimizer == "adam" else torch.optim.SGD(params, lr=t.lr)
     )
     if t.lr_schedule == "linear":
-        total = t.steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / t.steps))
         return optimizer, schedule
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, t.lr_decay_gamma)
 
@@ -222,19 +221,13 @@ class Trainer:
 
     def __init__(self, config: Config, progress: bool = True) -> None:
         check_world(config)
-        if config.train.on_nonfinite not in NONFINITE_ACTIONS:
-            raise ConfigError(
-                f"train.on_nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, "
-                f"got {config.train.on_nonfinite!r}"
-            )
-        if config.train.precision not in PRECISIONS:
-            raise ConfigError(
-                f"train.precision must be one of {', '.join(PRECISIONS)}, got {config.train.precision!r}"
-            )
-        for key, value, options in (
-            ("optimizer", config.train.optimizer, OPTIMIZERS),
-            ("lr_schedule", config.train.lr_schedule, LR_SCHEDULES),
+        for key, options in (
+            ("on_nonfinite", NONFINITE_ACTIONS),
+            ("precision", PRECISIONS),
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", LR_SCHEDULES),
         ):
+            value = getattr(config.train, key)
             if value not in options:
                 raise ConfigError(f"train.{key} must be one of {', '.join(options)}, got {value!r}")
         if config.train.keep_checkpoints < 0:

@@ -120,8 +120,13 @@ class Reptile(GradientLearner):
         if inner_optimizer == "adam":
             self.inner_adam = nn.Module()  # v of every weight, and k
             for name, p in self.net.named_parameters():
-                self.inner_adam.register_buffer(name.replace(".", "__"), torch.zeros_like(p))
+                self.inner_adam.register_buffer(self.moment_key(name), torch.zeros_like(p))
             self.inner_adam.register_buffer("steps", torch.zeros(()))
+
+    @staticmethod
+    def moment_key(name: str) -> str:
+        """The ``inner_adam`` buffer holding v of the network weight ``name`` (no dots allowed)."""
+        return name.replace(".", "__")
 
     @property
     def plain_sgd(self) -> bool:
@@ -180,7 +185,7 @@ class Reptile(GradientLearner):
         if 0 < ways < int(self.hparams["ways"]):
             forward = self.first_outputs(forward, ways)
         adam = self.inner_adam
-        moments = {name: getattr(adam, name.replace(".", "__")) for name in params} if adam else {}
+        moments = {name: getattr(adam, self.moment_key(name)) for name in params} if adam else {}
         k = float(adam.steps) if adam else 0.0
         size = self.hparams["inner_batch_size"] or support_x.shape[1]
         generator = torch.Generator().manual_seed(0)
@@ -206,6 +211,6 @@ class Reptile(GradientLearner):
             adapted.append(fast)
         if adam is not None and carry_moments:
             for name, value in moments.items():
-                getattr(adam, name.replace(".", "__")).copy_(value)
+                getattr(adam, self.moment_key(name)).copy_(value)
             adam.steps.fill_(k)
         return torch.stack(outputs), {name: torch.stack([f[name] for f in adapted]) for name in params}

@@ -136,7 +136,7 @@ class Siamese(EmbeddingReader):
         losses, correct = [], []
         for t in range(batch.num_tasks):
             q, s, same = episode_pairs(batch.support_y[t], batch.query_y[t], batch.ways)
-            if self.hparams.get("negatives", "cycle") == "hardest":
+            if self.hparams["negatives"] == "hardest":
                 s = self.hardest_negatives(z[t, n:], z[t, :n], batch.support_y[t], batch.query_y[t], s)
             score = self.similarity(z[t, n + q], z[t, s])  # [2M]
             same = same.to(score.dtype)
