@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from metaloop import zoo
 from metaloop.fileio import atomic_torch_save
 
 FORMAT = "metaloop-checkpoint-1"
@@ -42,8 +43,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if a file; for a run folder its ``best.pt`` or ``last.pt``."""
-    path = Path(path)
+    """``path`` itself if a file; for a run folder (or a zoo model, ``zoo:<name>``) its ``best.pt`` or
+    ``last.pt``."""
+    path = zoo.resolve(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from metaloop import distributed
+from metaloop import distributed, zoo
 from metaloop.checkpoint import load_checkpoint
 from metaloop.config import Config, config_from_dict, load_config
 from metaloop.data.base import ClassImages
@@ -132,10 +132,10 @@ def split_label(argument: str) -> tuple[str, str]:
 
 
 def contender(argument: str, out_dir: Path, train_overrides: list[str] | None) -> Contender:
-    """The learner named by ``argument``: a run folder holding ``best.pt`` or a recipe YAML, either
-    optionally as ``LABEL=PATH``."""
+    """The learner named by ``argument``: a run folder holding ``best.pt``, a zoo model (``zoo:<name>``)
+    or a recipe YAML, each optionally as ``LABEL=PATH``."""
     label, given = split_label(argument)
-    path = Path(given)
+    path = zoo.resolve(given)
     if path.is_dir():
         found = Contender(path.name, argument, path, run_config(path))
     elif path.is_file() and path.suffix in RECIPE_SUFFIXES:

@@ -1,0 +1,101 @@
+"""The model zoo: trained runs shipped with the package, loadable by name.
+
+A zoo model is a run folder under ``metaloop/models/<dataset>/<name>/`` holding what ``metaloop train``
+wrote for the run (``best.pt``, ``config.yaml``, ``result.json``) and ``SHA256SUMS``, the sha256 of each
+of those files. Wherever a run folder or checkpoint is accepted, ``zoo:<name>`` names one::
+
+    metaloop eval --checkpoint zoo:siamese-omniglot-5w1s      # re-measures result.json's number
+    metaloop compare siamese=zoo:siamese-omniglot-5w1s protonet=runs/my_protonet
+
+and from Python ``metaloop.zoo.load(name)`` returns the learner. Every file is checked against its
+sha256 before use, so a damaged or edited model fails with an error instead of giving other numbers.
+``METALOOP_ZOO`` points at another zoo folder (laid out the same way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from metaloop.algorithms.base import MetaLearner
+
+PREFIX = "zoo:"
+CHECKSUMS = "SHA256SUMS"
+
+
+class ZooError(ValueError):
+    """A zoo name that is not in the zoo, or a zoo model whose files fail their checksums."""
+
+
+def root() -> Path:
+    """The zoo folder: ``$METALOOP_ZOO``, else the ``models`` folder shipped inside the package."""
+    return Path(os.environ.get("METALOOP_ZOO") or Path(__file__).parent / "models")
+
+
+def names() -> list[str]:
+    """Every model in the zoo, sorted (a model is a folder holding ``SHA256SUMS``)."""
+    return sorted(p.parent.name for p in root().glob(f"*/*/{CHECKSUMS}"))
+
+
+def is_zoo(spec: str | Path) -> bool:
+    """Whether ``spec`` names a zoo model (``zoo:<name>``)."""
+    return isinstance(spec, str) and spec.startswith(PREFIX)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_folder(spec: str) -> Path:
+    """The verified run folder of ``zoo:<name>`` (or of ``<name>``).
+
+    Raises:
+        ZooError: no such model (the error lists the zoo), or a file whose sha256 differs from
+            ``SHA256SUMS`` (or is missing).
+    """
+    name = spec.removeprefix(PREFIX)
+    found = [p.parent for p in root().glob(f"*/{name}/{CHECKSUMS}")]
+    if len(found) != 1:
+        known = ", ".join(names()) or "none"
+        raise ZooError(f"no model {name!r} in the zoo at {root()}; the zoo has: {known}")
+    folder = found[0]
+    for line in (folder / CHECKSUMS).read_text().splitlines():
+        expected, _, filename = line.partition("  ")
+        path = folder / filename
+        if not path.is_file():
+            raise ZooError(f"zoo model {name}: {filename} is missing from {folder}; reinstall metaloop")
+        actual = sha256(path)
+        if actual != expected:
+            raise ZooError(
+                f"zoo model {name}: {filename} has sha256 {actual}, expected {expected} "
+                f"(damaged or edited); reinstall metaloop or restore {path}"
+            )
+    return folder
+
+
+def resolve(spec: str | Path) -> Path:
+    """``spec`` as a path: the verified run folder for ``zoo:<name>``, else ``Path(spec)``."""
+    return run_folder(spec) if is_zoo(spec) else Path(spec)
+
+
+def write_checksums(folder: Path, files: tuple[str, ...] = ("best.pt", "config.yaml", "result.json")) -> None:
+    """Write ``folder/SHA256SUMS`` for ``files`` (used when a finished run is added to the zoo)."""
+    lines = [f"{sha256(folder / filename)}  {filename}" for filename in files]
+    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def load(name: str) -> MetaLearner:
+    """The learner of zoo model ``name`` (``"siamese-omniglot-5w1s"`` or ``"zoo:..."``), in eval mode, on
+    the CPU."""
+    from metaloop.checkpoint import load_checkpoint
+    from metaloop.train import learner_from_checkpoint
+
+    learner = learner_from_checkpoint(load_checkpoint(run_folder(name) / "best.pt"))
+    return learner.eval()

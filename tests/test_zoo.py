@@ -1,0 +1,63 @@
+"""The model zoo: ``zoo:<name>`` wherever a run is accepted, checked against its sha256 sums, and every
+shipped model re-measured on 100 of its test episodes."""
+
+import json
+import shutil
+
+import pytest
+
+from metaloop import zoo
+from metaloop.cli import main
+
+
+@pytest.fixture
+def tiny_zoo(image_folder, tmp_path, tiny_cli_args, monkeypatch):
+    """A zoo folder (``METALOOP_ZOO``) holding one tiny trained ProtoNet, ``folder/tiny-protonet``."""
+    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, tmp_path / "run")]) == 0
+    model = tmp_path / "zoo" / "folder" / "tiny-protonet"
+    model.mkdir(parents=True)
+    for name in ("best.pt", "config.yaml", "result.json"):
+        shutil.copy(tmp_path / "run" / name, model / name)
+    zoo.write_checksums(model)
+    monkeypatch.setenv("METALOOP_ZOO", str(tmp_path / "zoo"))
+    return model
+
+
+def test_a_zoo_model_is_evaluated_loaded_and_compared_by_name(tiny_zoo, tmp_path, capsys):
+    assert zoo.names() == ["tiny-protonet"]
+    capsys.readouterr()
+    argv = ["eval", "--checkpoint", "zoo:tiny-protonet", "--no-progress", "--json", str(tmp_path / "e.json")]
+    assert main(argv) == 0
+    measured = json.loads((tmp_path / "e.json").read_text())
+    shipped = json.loads((tiny_zoo / "result.json").read_text())
+    assert measured["mean"] == shipped["mean"] and measured["episodes"] == shipped["episodes"]
+    assert zoo.load("tiny-protonet").name == "protonet"
+    out = tmp_path / "cmp"
+    argv = ["compare", "tiny=zoo:tiny-protonet", "--out", str(out), "--ways", "3", "--shots", "1"]
+    assert main([*argv, "--queries", "3", "--episodes", "10", "--no-progress"]) == 0
+    assert "tiny" in (out / "comparison.md").read_text()
+
+
+def test_a_damaged_or_unknown_model_is_refused_in_one_line(tiny_zoo, capsys):
+    with open(tiny_zoo / "best.pt", "r+b") as f:  # one byte changed: the weights are no longer shipped ones
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    assert main(["eval", "--checkpoint", "zoo:tiny-protonet", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "zoo model tiny-protonet: best.pt has sha256" in err and "damaged or edited" in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(zoo.ZooError, match=r"no model 'nope' in the zoo .*the zoo has: tiny-protonet"):
+        zoo.load("nope")
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_every_shipped_model_reproduces_its_result_on_100_episodes(name, omniglot_data_dir, tmp_path):
+    """The first 100 of the model's seeded test episodes: their mean lies within the 95% CIs of the two
+    estimates (the stated 1,000-episode one and this 100-episode one) of the shipped number."""
+    shipped = json.loads((zoo.run_folder(name) / "result.json").read_text())
+    argv = ["eval", "--checkpoint", f"zoo:{name}", "--episodes", "100", "--no-progress"]
+    assert main([*argv, "--data-dir", str(omniglot_data_dir), "--json", str(tmp_path / "e.json")]) == 0
+    measured = json.loads((tmp_path / "e.json").read_text())
+    assert abs(measured["mean"] - shipped["mean"]) <= measured["ci95"] + shipped["ci95"], (measured, shipped)
