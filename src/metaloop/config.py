@@ -226,7 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(
                 f"config file {str(path)!r} not found; "
-                "recipes live in configs/ (e.g. configs/protonet_omniglot_5w1s.yaml)"
+                "'metaloop recipes' lists the shipped ones, run by name with --recipe NAME"
             )
         try:
             data = yaml.safe_load(path.read_text()) or {}
