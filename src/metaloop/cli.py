@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="meta-train a learner, then evaluate it on meta-test episodes",
         description="Meta-train from a YAML recipe (default: ProtoNet on the embedded glyph set), "
         "keep the best meta-validated model, and report meta-test accuracy ± 95% CI. "
-        "Writes config.yaml, metrics.jsonl, last.pt, best.pt, result.json and the learning curve into "
-        "the run folder. Learners (algorithm.name): " + ", ".join(sorted(LEARNERS)) + ".",
+        "Writes config.yaml, metrics.jsonl, metrics.csv, last.pt, best.pt, result.json and the learning "
+        "curve into the run folder. Learners (algorithm.name): " + ", ".join(sorted(LEARNERS)) + ".",
     )
     train.add_argument(
         "--recipe", metavar="NAME", help="a shipped recipe by name (metaloop recipes lists them)"
