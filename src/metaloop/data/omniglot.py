@@ -110,11 +110,11 @@ def _fix(root: Path, rel: str) -> str:
 
 
 def _missing_message(root: Path, missing: list[str]) -> str:
-    sources = "; ".join(f"{rel} from {URLS[rel]}" for rel in missing)
+    files = "; ".join(f"{root / rel} from {URLS[rel]}" for rel in missing)
     return (
-        f"Omniglot files missing from {root}: {', '.join(missing)}. Get them with "
+        f"Omniglot files missing from {root}: {files}. Get them with "
         f"'metaloop data prepare omniglot --data-dir {root.parent}' (downloads and checks them; in Python "
-        f"prepare_omniglot({str(root.parent)!r})), or place them there by hand ({sources}), or point "
+        f"prepare_omniglot({str(root.parent)!r})), or save them at those paths by hand, or point "
         "METALOOP_DATA at a folder holding omniglot/ with these files."
     )
 
