@@ -14,7 +14,7 @@ from metaloop import distributed
 from metaloop.algorithms import LEARNERS
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import load_checkpoint
-from metaloop.cli_errors import check_settings, log_to_console, run_command
+from metaloop.cli_errors import check_data_dir, check_settings, log_to_console, run_command
 from metaloop.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from metaloop.device import DEVICE_NAMES, check_device
 from metaloop.recipebook import all_recipes, recipe_path
@@ -238,8 +238,8 @@ def _data(args: argparse.Namespace) -> int:
             print(f"  {name:12s} {status}")
         print(f"  {'sinusoid':12s} built in (regression tasks)")
         return 0
-    if args.action == "verify" and not data_dir.is_dir():
-        raise ConfigError(f"data folder {data_dir} does not exist; check the path (or --data-dir)")
+    if args.action == "verify":
+        check_data_dir(data_dir)
     if (args.name or "omniglot") != "omniglot":
         raise ConfigError(
             f"'{args.action}' applies to omniglot only (glyphs are generated, folders are yours)"

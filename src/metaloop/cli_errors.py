@@ -103,9 +103,14 @@ def check_settings(config: Config) -> None:
     """Refuse, before any work, a device this machine lacks and a data folder that does not exist
     (a mistyped ``--data-dir`` would otherwise be created and filled with downloads and caches)."""
     check_device(config.device)
-    data_dir = config.data.data_dir
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+    if config.data.data_dir is not None:
+        check_data_dir(config.data.data_dir)
+
+
+def check_data_dir(data_dir: str | Path) -> None:
+    """Refuse a data folder that does not exist, saying how to fill one."""
+    if not Path(data_dir).expanduser().is_dir():
         raise ConfigError(
-            f"data folder {data_dir} does not exist; check the path, or create it and fetch Omniglot into it "
-            f"with 'metaloop data prepare omniglot --data-dir {data_dir}'"
+            f"data folder {data_dir} does not exist; check the path, or fetch Omniglot into it with "
+            f"'metaloop data prepare omniglot --data-dir {data_dir}'"
         )
