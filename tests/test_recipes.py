@@ -2,6 +2,7 @@
 in a wheel installed where no checkout is near."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -63,15 +64,21 @@ def test_recipe_and_config_together_are_refused(capsys):
 
 
 def build_wheel(out: Path) -> Path:
-    """``pip wheel`` of this checkout, without build isolation where setuptools >= 77 is at hand
-    (no index needed), else with it."""
+    """``pip wheel`` of a copy of this checkout's package files (the build leaves its ``build/``
+    there, not here), without build isolation where setuptools >= 77 is at hand (no index needed),
+    else with it."""
+    source = out / "source"
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     try:
         import setuptools
 
         isolated = int(setuptools.__version__.split(".")[0]) < 77
     except ImportError:
         isolated = True
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)]
     subprocess.run(command + ([] if isolated else ["--no-build-isolation"]), check=True, timeout=300)
     (wheel,) = out.glob("metaloop-*.whl")
     return wheel
