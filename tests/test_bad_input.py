@@ -2,6 +2,9 @@
 error line (what was wrong, what to do), and no file that existed before is changed."""
 
 import hashlib
+import io
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -30,12 +33,13 @@ def trained_run(tiny_cli_args, image_folder, tmp_path_factory):
 
 
 def fails_cleanly(argv, message, capsys, *watched):
+    """``main(argv)`` exits with code 2 and exactly one line on stderr, holding ``message``."""
     before = snapshot(*watched)
     code = main(argv)
     err = capsys.readouterr().err
-    assert code != 0
+    assert code == 2, err
     assert message in err, err
-    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     assert snapshot(*watched) == before, "a file that existed before was changed"
     return err
 
@@ -51,15 +55,54 @@ def damaged_copy(run_dir, tmp_path, name, damage):
 def test_resume_from_a_truncated_checkpoint(trained_run, tmp_path, capsys):
     copy = damaged_copy(trained_run, tmp_path, "last.pt", lambda b: b[: len(b) // 2])
     fails_cleanly(
-        ["train", "--resume", str(copy)], "is not a readable checkpoint (truncated or corrupt?)", capsys, copy
+        ["train", "--resume", str(copy)],
+        "last.pt is not a readable checkpoint: the file is truncated",
+        capsys,
+        copy,
     )
 
 
-def test_eval_of_a_corrupt_checkpoint(trained_run, tmp_path, capsys):
-    copy = damaged_copy(trained_run, tmp_path, "best.pt", lambda b: b"\x00" * len(b))
-    fails_cleanly(
-        ["eval", "--checkpoint", str(copy / "best.pt")], "is not a readable checkpoint", capsys, copy
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def torch_file_holding(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b"", "the file is empty (0 bytes)"),
+        (lambda b: b[:1000], "the file is truncated (1000 bytes"),
+        (lambda b: b"\x00" * len(b), "are not a PyTorch checkpoint (no zip archive"),
+        (
+            lambda b: bytes(
+                torch.randint(0, 256, (len(b),), generator=torch.Generator().manual_seed(0)).tolist()
+            ),
+            "are not a PyTorch checkpoint (no zip archive",
+        ),
+        (lambda b: pickle.dumps({"model": [1, 2]}), "it is a plain Python pickle"),
+        (lambda b: torch_file_holding({"model": RunsCode()}), "it refers to Python code (posix.system)"),
+        (lambda b: torch_file_holding({"model": torch.nn.Linear(2, 2)}), "(torch.nn.modules.linear.Linear)"),
+    ],
+    ids=["empty", "truncated", "zeros", "random-bytes", "plain-pickle", "code", "module"],
+)
+def test_eval_of_an_unreadable_checkpoint(trained_run, tmp_path, capsys, damage, message):
+    copy = damaged_copy(trained_run, tmp_path, "best.pt", damage)
+    err = fails_cleanly(
+        ["eval", "--checkpoint", str(copy / "best.pt")],
+        "best.pt is not a readable checkpoint: ",
+        capsys,
+        copy,
     )
+    assert message in err
+    assert "weights_only" not in err and "will likely succeed" not in err  # never torch's advice
 
 
 def test_eval_of_a_file_that_is_not_a_metaloop_checkpoint(tmp_path, capsys):

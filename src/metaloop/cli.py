@@ -1,4 +1,5 @@
-"""Command line: ``metaloop train | eval | compare | predict | data``; ``--help`` on each explains it."""
+"""Command line: ``metaloop train | eval | compare | predict | data | recipes``; ``--help`` on each
+explains it. How failures are reported (one line, or a traceback): :mod:`metaloop.cli_errors`."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from typing import Any
 from metaloop import distributed
 from metaloop.algorithms import LEARNERS
 from metaloop.allocator import keep_freed_memory
-from metaloop.checkpoint import CheckpointError, load_checkpoint
+from metaloop.checkpoint import load_checkpoint
+from metaloop.cli_errors import check_data_dir, check_settings, log_to_console, run_command
 from metaloop.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
-from metaloop.data.download import DownloadError
-from metaloop.data.omniglot import OmniglotError
-from metaloop.train import TrainingDiverged
+from metaloop.device import DEVICE_NAMES, check_device
+from metaloop.recipebook import all_recipes, recipe_path
 
 EXAMPLES = """examples:
   metaloop train                                        # ProtoNet on the embedded glyph set (no download)
-  metaloop train --config configs/protonet_omniglot_5w1s.yaml --set train.steps=2000
+  metaloop recipes                                      # the recipes that ship with metaloop
+  metaloop train --recipe protonet-omniglot-5w1s --set train.steps=2000
+  metaloop train --config my_recipe.yaml                # any YAML recipe file
   metaloop train --resume runs/protonet_omniglot_5w1s   # continue an interrupted run
   metaloop eval --checkpoint runs/protonet_omniglot_5w1s --ways 20 --shots 1
   metaloop eval --checkpoint runs/protonet_omniglot_5w1s --attack pgd --epsilon 0.1   # robustness
@@ -39,19 +42,22 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"data.data_dir={args.data_dir}")
     if args.device:
         overrides.append(f"device={args.device}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.config and args.recipe:
+        raise ConfigError("give --recipe NAME (a shipped recipe) or --config FILE (any YAML), not both")
     if args.resume:
-        if args.config:
+        if args.config or args.recipe:
             raise ConfigError(
-                "--resume continues a run with its own config; drop --config (use --set to change keys)"
+                "--resume continues a run with its config; drop --config and --recipe (--set changes keys)"
             )
         base = config_of_run(args.resume).to_dict()
         base["run_dir"] = str(args.resume)
         config = config_from_dict(apply_overrides(base, overrides))
     else:
-        config = load_config(args.config, overrides)
-    if distributed.is_main():
-        print(f"run folder: {config.run_dir}", file=sys.stderr)
-    result = run(config, resume=bool(args.resume), progress=not args.no_progress)
+        config = load_config(recipe_path(args.recipe) if args.recipe else args.config, overrides)
+    check_settings(config)
+    result = run(config, resume=bool(args.resume), progress=not args.no_progress)  # logs "run folder: ..."
     if distributed.is_main():
         print(f"{config.algorithm.name} on {config.data.name}/{config.data.test_split}: {result}")
         _draw_learning_curve(Path(config.run_dir))
@@ -73,6 +79,12 @@ def _draw_learning_curve(run_dir: Path) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from metaloop.train import learner_from_checkpoint, test_learner
 
+    if args.ways is not None and args.ways < 2:
+        raise ConfigError(
+            f"--ways must be at least 2 (a task with one class is always right), got {args.ways}"
+        )
+    if args.device:
+        check_device(args.device)  # before reading a checkpoint
     state = load_checkpoint(args.checkpoint)
     overrides = [
         f"eval.{k}={v}"
@@ -86,6 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.device:
         overrides.append(f"device={args.device}")
     config = config_from_dict(apply_overrides(state["config"], overrides))
+    check_settings(config)
     if args.inner_steps is not None:
         if "eval_inner_steps" not in state["hparams"]:
             raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
@@ -157,6 +170,8 @@ def _compare(args: argparse.Namespace) -> int:
     from metaloop.compare import compare
     from metaloop.comparison_report import labels, write_comparison_report
 
+    if args.device:
+        check_device(args.device)
     budget = [f"train.steps={args.steps}"] if args.steps is not None else []
     if args.minutes is not None:
         budget.append(f"train.max_minutes={args.minutes}")
@@ -188,6 +203,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from metaloop.predict import FewShotPredictor, predictions_csv, write_predictions_csv
 
+    check_device(args.device)
     model = FewShotPredictor.from_run(args.checkpoint, invert=args.invert, device=args.device)
     predictions = model.fit_support(args.support).predict(args.query)
     if args.out:
@@ -209,6 +225,8 @@ def _data(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if args.action == "list":
+        if args.name is not None:
+            raise ConfigError(f"'data list' lists every dataset and takes no name, got {args.name!r}")
         print(f"data folder: {data_dir}")
         for name in DATASETS:
             present = {"omniglot": (data_dir / "omniglot" / "images_background.zip").is_file()}.get(name)
@@ -220,7 +238,9 @@ def _data(args: argparse.Namespace) -> int:
             print(f"  {name:12s} {status}")
         print(f"  {'sinusoid':12s} built in (regression tasks)")
         return 0
-    if args.name != "omniglot":
+    if args.action == "verify":
+        check_data_dir(data_dir)
+    if (args.name or "omniglot") != "omniglot":
         raise ConfigError(
             f"'{args.action}' applies to omniglot only (glyphs are generated, folders are yours)"
         )
@@ -232,6 +252,15 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    for recipe in all_recipes():
+        print(recipe.line() + (f"  {recipe.path}" if args.paths else ""))
+    return 0
+
+
+DEBUG_HELP = "show the traceback of every error, a mistake in the input too (or set METALOOP_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metaloop",
@@ -239,17 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    common = argparse.ArgumentParser(add_help=False)  # options every command takes
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
         "train",
+        parents=[common],
         help="meta-train a learner, then evaluate it on meta-test episodes",
         description="Meta-train from a YAML recipe (default: ProtoNet on the embedded glyph set), "
         "keep the best meta-validated model, and report meta-test accuracy ± 95% CI. "
-        "Writes config.yaml, metrics.jsonl, last.pt, best.pt, result.json and the learning curve into "
-        "the run folder. Learners (algorithm.name): " + ", ".join(sorted(LEARNERS)) + ".",
+        "Writes config.yaml, metrics.jsonl, metrics.csv, last.pt, best.pt, result.json and the learning "
+        "curve into the run folder. Learners (algorithm.name): " + ", ".join(sorted(LEARNERS)) + ".",
     )
-    train.add_argument("--config", help="YAML recipe, e.g. configs/protonet_omniglot_5w1s.yaml")
+    train.add_argument(
+        "--recipe", metavar="NAME", help="a shipped recipe by name (metaloop recipes lists them)"
+    )
+    train.add_argument(
+        "--config", metavar="FILE", help="any YAML recipe file, e.g. configs/maml_sinusoid.yaml"
+    )
     train.add_argument(
         "--set",
         action="append",
@@ -261,12 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     train.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
-    train.add_argument("--device", help="cpu | cuda | auto (default auto: cuda when a GPU is visible)")
+    train.add_argument("--device", help=f"{DEVICE_NAMES} (default auto: cuda when a GPU is visible)")
+    train.add_argument("--seed", type=int, help="seed of the run: initial weights and training episodes")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 
     ev = commands.add_parser(
         "eval",
+        parents=[common],
         help="evaluate a checkpoint on seeded test episodes",
         description="Mean accuracy ± 95% CI (1.96·std/√N) over N seeded test episodes. "
         "Episode shape and split default to the run's own eval config.",
@@ -280,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
     ev.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
-    ev.add_argument("--device", help="cpu | cuda | auto (default: the run's device setting)")
+    ev.add_argument("--device", help=f"{DEVICE_NAMES} (default: the run's device setting)")
     ev.add_argument(
         "--attack",
         metavar="NAME",
@@ -295,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = commands.add_parser(
         "compare",
+        parents=[common],
         help="test several learners on the same seeded episodes, with paired differences",
         description="Test every learner on the same seeded test episodes for each --ways x --shots cell and "
         "write OUT/comparison.json and OUT/comparison.md: mean accuracy ± 95% CI per cell, differences "
@@ -341,12 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument(
         "--minutes", type=float, help="--train: wall-clock minutes for every recipe (sets train.max_minutes)"
     )
-    co.add_argument("--device", help="cpu | cuda | auto (default: the first run's device setting)")
+    co.add_argument("--device", help=f"{DEVICE_NAMES} (default: the first run's device setting)")
     co.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     co.set_defaults(handler=_compare)
 
     pr = commands.add_parser(
         "predict",
+        parents=[common],
         help="classify your own images with a trained model and a support folder",
         description="Adapt a trained classifier to SUPPORT/<class_name>/<images> and classify the query "
         "images (files, or every image below a folder). Writes CSV: path, predicted class, then one "
@@ -362,27 +404,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use 255 - pixel: dark ink on light paper with a model trained on Omniglot or glyphs",
     )
-    pr.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    pr.add_argument("--device", default="cpu", help=f"{DEVICE_NAMES} (default cpu)")
     pr.set_defaults(handler=_predict)
 
     data = commands.add_parser(
         "data",
+        parents=[common],
         help="list, prepare (download + verify) or verify datasets",
         description="Datasets live in --data-dir, $METALOOP_DATA or ~/.cache/metaloop. "
         "Omniglot is downloaded and checksummed by 'prepare'; 'verify' checks files already there.",
     )
     data.add_argument("action", choices=["list", "prepare", "verify"])
-    data.add_argument("name", nargs="?", default="omniglot")
+    data.add_argument("name", nargs="?", help="prepare, verify: the dataset (omniglot, the default)")
     data.add_argument("--data-dir")
     data.add_argument("--no-download", action="store_true", help="prepare: only check what is on disk")
     data.set_defaults(handler=_data)
+
+    recipes = commands.add_parser(
+        "recipes",
+        parents=[common],
+        help="list the recipes that ship with metaloop",
+        description="One line per shipped recipe: name, learner, dataset, test setting, paper (read from "
+        "the recipe files). Run one with 'metaloop train --recipe NAME'.",
+    )
+    recipes.add_argument("--paths", action="store_true", help="also print each recipe's file")
+    recipes.set_defaults(handler=_recipes)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
-    code = _handle(args)
+    log_to_console()
+    code = run_command(args.handler, args)
     if distributed.launched():
         # One of several torchrun processes: its work is done and the group is gone (or broken).
         # gloo's C++ teardown at interpreter exit can abort a finished process ("terminate called
@@ -391,34 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _handle(args: argparse.Namespace) -> int:
-    """Run the command; expected errors become one line on stderr and an exit code."""
-    try:
-        return args.handler(args)
-    except (
-        ConfigError,
-        CheckpointError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-        DownloadError,
-        OmniglotError,
-    ) as error:
-        print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
-        return 3
-    except distributed.DistributedError as error:  # its message names the rank
-        print(f"metaloop {args.command}: error: {error}", file=sys.stderr)
-        return 1
-
-
-def _where() -> str:
-    """``"[rank r/W] "`` when launched as one of several processes, else nothing."""
-    return f"[rank {distributed.rank()}/{distributed.world_size()}] " if distributed.launched() else ""
 
 
 if __name__ == "__main__":

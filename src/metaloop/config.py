@@ -94,6 +94,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # step-NNNNNNN.pt files kept besides last.pt (0: last.pt only)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop | skip (the batch) | lower_lr (and skip)
     nonfinite_lr_factor: float = 0.5  # on_nonfinite: lower_lr multiplies the learning rate by this
+    tensorboard: bool = False  # also log metrics to <run_dir>/tensorboard (needs the tensorboard package)
 
 
 @dataclass
@@ -225,7 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(
                 f"config file {str(path)!r} not found; "
-                "recipes live in configs/ (e.g. configs/protonet_omniglot_5w1s.yaml)"
+                "'metaloop recipes' lists the shipped ones, run by name with --recipe NAME"
             )
         try:
             data = yaml.safe_load(path.read_text()) or {}

@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from metaloop.device import check_device
+
 DEFAULT_TIMEOUT_S = 120.0
 T = TypeVar("T")
 
@@ -72,10 +74,9 @@ def is_main() -> bool:
 
 def local_device(device: str | torch.device) -> torch.device:
     """The device this rank computes on: ``"auto"`` is ``cuda`` when a GPU is visible, else
-    ``cpu``; a CUDA run under torchrun uses ``cuda:$LOCAL_RANK`` (one GPU per rank)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    ``cpu``; a CUDA run under torchrun uses ``cuda:$LOCAL_RANK`` (one GPU per rank). A name this
+    machine cannot use raises :class:`metaloop.device.DeviceError`."""
+    device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None and launched():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device

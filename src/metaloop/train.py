@@ -1,9 +1,10 @@
 """The outer loop: meta-train (Adam or SGD, step or linear decay), meta-validate, keep the best model,
 checkpoint atomically, resume exactly, log metrics, and finally evaluate on meta-test.
 
-A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line),
-``last.pt`` (everything needed to resume), ``best.pt`` (the best meta-validated model) and
-``result.json`` (the meta-test result).
+A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line) and the same
+records as ``metrics.csv`` (and as TensorBoard events in ``tensorboard/`` with
+``train.tensorboard: true``), ``last.pt`` (everything needed to resume), ``best.pt`` (the best
+meta-validated model) and ``result.json`` (the meta-test result).
 
 Under ``torchrun`` (see :mod:`metaloop.distributed`) every rank runs this loop on its shard of
 each meta-batch with meta-gradients averaged over ranks, so all ranks hold the same parameters
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -34,9 +36,12 @@ from metaloop.data import load_dataset
 from metaloop.data.base import ClassImages
 from metaloop.evaluate import EvalResult, Sampler, evaluate
 from metaloop.fileio import atomic_link, atomic_write_bytes
+from metaloop.metric_files import MetricsCsv, TensorBoardLog, check_tensorboard
 from metaloop.tasks.episodes import EpisodeSampler
 from metaloop.tasks.heterogeneous import MixedEpisodeSampler, mean_over_tasks
 from metaloop.tasks.sinusoid import SinusoidTasks
+
+log = logging.getLogger(__name__)  # "run folder: ...", one line per meta-validation (the CLI shows them)
 
 
 class TaskSource:
@@ -232,6 +237,8 @@ class Trainer:
                 raise ConfigError(f"train.{key} must be one of {', '.join(options)}, got {value!r}")
         if config.train.keep_checkpoints < 0:
             raise ConfigError(f"train.keep_checkpoints must be >= 0, got {config.train.keep_checkpoints}")
+        if config.train.tensorboard:
+            check_tensorboard()
         self.config = config
         self.progress = progress and distributed.is_main()
         self.run_dir = Path(config.run_dir)
@@ -259,6 +266,8 @@ class Trainer:
             )
         self.optimizer, self.scheduler = outer_optimizer(self.learner.parameters(), t)
         self.state = RunState()
+        self.csv = MetricsCsv(self.run_dir / "metrics.csv", self.metrics_path)
+        self.tensorboard: TensorBoardLog | None = None  # opened with the run folder (rank 0)
 
     # ----- files ---------------------------------------------------------------------------
     @property
@@ -270,6 +279,9 @@ class Trainer:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.csv.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.add(record)
 
     def _save_last(self) -> None:
         if not distributed.is_main():
@@ -337,6 +349,13 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_dir / "config.yaml", config_to_yaml(self.config).encode())
         atomic_write_bytes(self.metrics_path, b"")
+        self.csv.rebuild()
+        self._open_tensorboard(purge_step=None)
+        log.info("run folder: %s", self.run_dir)
+
+    def _open_tensorboard(self, purge_step: int | None) -> None:
+        if self.config.train.tensorboard:
+            self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard", purge_step)
 
     def resume(self) -> None:
         """Load ``last.pt`` and drop metric lines written after it, so none is duplicated.
@@ -370,6 +389,9 @@ class Trainer:
                 if record.get("step", 0) <= self.state.step:
                     kept.append(line + "\n")
         atomic_write_bytes(self.metrics_path, "".join(kept).encode())
+        self.csv.rebuild()
+        self._open_tensorboard(purge_step=self.state.step + 1)
+        log.info("run folder: %s (continuing after step %d)", self.run_dir, self.state.step)
 
     def _join_ranks(self) -> None:
         """Check every rank runs the same config and give all of them rank 0's model."""
@@ -455,6 +477,7 @@ class Trainer:
         """
         t, s = self.config.train, self.state
         bar = tqdm(total=t.steps, initial=s.step, desc="meta-train", unit="step", disable=not self.progress)
+        postfix: dict[str, str] = {}  # the bar's last train averages and validation
         train_accuracy = None  # of the last logged window, for the meta-overfitting gap
         while s.step < t.steps:
             lap = time.perf_counter()
@@ -480,7 +503,8 @@ class Trainer:
                         **averages,
                     }
                 )
-                bar.set_postfix({k: f"{v:.3f}" for k, v in averages.items()})
+                postfix.update({k: f"{v:.3f}" for k, v in averages.items()})
+                bar.set_postfix(postfix)
                 train_accuracy = averages.get("train_accuracy")
                 s.window, s.window_steps = {}, 0
             stop = False
@@ -502,6 +526,8 @@ class Trainer:
                         **self.overfitting_gap(train_accuracy, val),
                     }
                 )
+                postfix.update(self.report_validation(val))
+                bar.set_postfix(postfix)
                 patience = t.early_stop_patience
                 stop = patience is not None and s.validations_without_improvement >= patience
             s.wall_seconds += time.perf_counter() - lap
@@ -514,6 +540,19 @@ class Trainer:
             if stop or out_of_time:
                 break
         bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def report_validation(self, val: EvalResult) -> dict[str, str]:
+        """Log one line for a meta-validation (its mean ± 95% CI and the best so far); returns the
+        progress bar's ``val`` and ``best`` entries."""
+        s = self.state
+        if val.metric == "accuracy":
+            now, best = f"{100 * val.mean:.2f} ± {100 * val.ci95:.2f}%", f"{100 * s.best_val:.2f}%"
+        else:
+            now, best = f"{val.mean:.4f} ± {val.ci95:.4f}", f"{-s.best_val:.4f}"
+        log.info("step %d: meta-val %s; best so far %s", s.step, val, best)
+        return {"val": now.replace(" ± ", "±"), "best": best}
 
     @staticmethod
     def overfitting_gap(train_accuracy: float | None, val: EvalResult) -> dict[str, float]:

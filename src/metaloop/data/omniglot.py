@@ -110,13 +110,13 @@ def _fix(root: Path, rel: str) -> str:
 
 
 def _missing_message(root: Path, missing: list[str]) -> str:
-    lines = [f"Omniglot files missing from {root}:"]
-    lines += [f"  {root / rel}\n      from {URLS[rel]}" for rel in missing]
-    lines.append(
-        "Download them to those paths (or call with download=True), or point METALOOP_DATA at a folder "
-        "holding omniglot/ with these files."
+    files = "; ".join(f"{root / rel} from {URLS[rel]}" for rel in missing)
+    return (
+        f"Omniglot files missing from {root}: {files}. Get them with "
+        f"'metaloop data prepare omniglot --data-dir {root.parent}' (downloads and checks them; in Python "
+        f"prepare_omniglot({str(root.parent)!r})), or save them at those paths by hand, or point "
+        "METALOOP_DATA at a folder holding omniglot/ with these files."
     )
-    return "\n".join(lines)
 
 
 def _ensure_files(root: Path, download: bool) -> None:
