@@ -24,7 +24,8 @@ import pytest
 from conftest import make_class_images, write_image_folder
 
 from metaloop import cli
-from metaloop.config import load_config
+from metaloop.config import Config, load_config
+from metaloop.recipebook import recipe_path
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -89,10 +90,15 @@ def _substitute(words: list[str], variables: dict[str, str]) -> list[str]:
     return [re.sub(r"\$(\w+)", lambda m: variables.get(m[1], m[0]), w) for w in words]
 
 
+def _train_config(args) -> Config:
+    """The configuration a ``train`` command runs: its ``--recipe`` or ``--config`` with its ``--set``s."""
+    return load_config(recipe_path(args.recipe) if args.recipe else args.config, list(args.set))
+
+
 def _check_parses(argv: list[str]) -> None:
     args = cli.build_parser().parse_args(argv)
     if args.command == "train" and not args.resume:
-        load_config(args.config, list(args.set))  # the recipe exists and every --set key is valid
+        _train_config(args)  # the recipe exists and every --set key is valid
     if args.command == "compare":
         for source in args.learners:
             path = source.split("=", 1)[-1]
@@ -184,7 +190,9 @@ def _workspace(path: Path, block: Block, tiny_run: Path, glyph_data: Path, monke
     write_image_folder(path / "my_support", make_class_images(num_classes=3, per_class=2, seed=2))
     write_image_folder(path / "my_queries", make_class_images(num_classes=3, per_class=2, seed=3))
     trains_default = any(
-        (argv := _metaloop_argv(words)) is not None and argv[:1] == ["train"] and "--config" not in argv
+        (argv := _metaloop_argv(words)) is not None
+        and argv[:1] == ["train"]
+        and not {"--config", "--recipe"} & set(argv)
         for words in _commands(block.code)
     )
     if "runs/default" in block.code and not trains_default:
@@ -239,7 +247,7 @@ def _run(argv: list[str], where: str) -> None:
     key = tuple(argv)
     if argv[0] == "train" and "--resume" not in argv:
         args = cli.build_parser().parse_args(argv)
-        run_dir = Path(load_config(args.config, list(args.set)).run_dir)
+        run_dir = Path(_train_config(args).run_dir)
         if key in _TRAINED:
             shutil.copytree(_TRAINED[key], run_dir)
             return
