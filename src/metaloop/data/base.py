@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metaloop.data.transform import InputTransform
@@ -91,7 +92,8 @@ class ClassImages:
     @functools.cached_property
     def mean_intensity(self) -> float:
         """Mean pixel over all images, in [0, 1] (pixel / 255)."""
-        return float(self.images.sum(dtype=torch.int64)) / (255.0 * max(self.images.numel(), 1))
+        total = int(self.images.numpy().sum(dtype=np.uint64))  # numpy: 0.1 s on Omniglot train, torch 1.7 s
+        return total / (255.0 * max(self.images.numel(), 1))
 
     def __len__(self) -> int:
         return self.images.shape[0]
