@@ -113,7 +113,7 @@ class FewShotPredictor:
         """Adapt to ``support_dir/<class_name>/<images>`` (classes sorted by name); returns ``self``.
 
         Support images whose mean intensity is far from the training data's (e.g. mostly white for
-        a model trained on mostly black) set :attr:`support_warning` and raise an
+        a model trained on mostly black) set :attr:`support_warning` and emit an
         :class:`InputStatisticsWarning` saying what to do.
 
         Raises:
