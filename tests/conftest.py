@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from metaloop.data.base import ClassImages
+from metaloop.tasks.episodes import EpisodeSampler
 
 
 def make_class_images(
@@ -30,6 +31,21 @@ def make_class_images(
     images = (examples * 255).to(torch.uint8).flatten(0, 1)
     offsets = torch.arange(0, num_classes * per_class + 1, per_class)
     return ClassImages(images, offsets, [f"class{k:02d}" for k in range(num_classes)], "synthetic")
+
+
+def episode_accuracies(learner, dataset: ClassImages, ev) -> torch.Tensor:
+    """float64 ``[ev.episodes]``: query accuracy of each test episode of eval config ``ev``, computed
+    without :mod:`metaloop.evaluate`: one task at a time through ``learner.adapt``, on the episodes
+    evaluate draws (seed ``ev.seed``, in chunks of ``ev.batch_size``)."""
+    sampler = EpisodeSampler(dataset, ev.ways, ev.shots, ev.queries, seed=ev.seed)
+    learner.eval()
+    values = []
+    for start in range(0, ev.episodes, ev.batch_size):
+        batch = sampler.sample(min(ev.batch_size, ev.episodes - start))
+        for t in range(batch.num_tasks):
+            logits = learner.adapt(batch.support_x[t], batch.support_y[t])(batch.query_x[t])
+            values.append((logits.argmax(-1) == batch.query_y[t]).double().mean())
+    return torch.stack(values)
 
 
 def write_image_folder(root: Path, dataset: ClassImages) -> Path:

@@ -17,6 +17,7 @@ from metaloop import FewShotPredictor
 from metaloop.algorithms import LEARNERS, build_learner
 from metaloop.cli import main
 from metaloop.data import load_dataset
+from metaloop.data.transform import InputTransform
 
 SUPPORT_SHOTS, QUERIES_PER_CLASS = 3, 6
 GLYPH_CLASSES = (0, 150, 300, 450, 600)  # of the 734 test-split classes: blocks never seen in training
@@ -70,7 +71,8 @@ def save(array, path, mode="L", size=None):
 
 @pytest.fixture(scope="module")
 def glyph_task(glyph_data, tmp_path_factory):
-    """Support and query images of 5 unseen glyph classes, mixed formats: every class has one support
+    """Support and query images of 5 unseen glyph classes, written as files show glyphs (dark ink on
+    light, the stored form of the recorded transform), mixed formats: every class has one support
     image and half of the queries stored as RGB at another size (40 and 56 pixels instead of 28).
 
     Returns ``(support_dir, query_paths_to_pass, {query path: true class})``.
@@ -80,7 +82,7 @@ def glyph_task(glyph_data, tmp_path_factory):
     truth = {}
     for k in GLYPH_CLASSES:
         name = test.class_names[k].replace("/", "_")  # "Armenian/U+0531" -> "Armenian_U+0531"
-        images = test.class_images(k)[:, 0].numpy()  # [20, 28, 28]
+        images = test.transform.stored(test.class_images(k))[:, 0].numpy()  # [20, 28, 28], dark on light
         for i in range(SUPPORT_SHOTS):
             rgb = i == 0
             save(images[i], root / "support" / name / f"{i}.png", "RGB" if rgb else "L", 40 if rgb else None)
@@ -89,7 +91,9 @@ def glyph_task(glyph_data, tmp_path_factory):
             path = root / "queries" / f"{name}-{i}.png"
             truth[str(save(images[i], path, "RGB" if rgb else "L", 56 if rgb else None))] = name
     # one query passed as a file outside the query folder
-    extra = save(test.class_images(GLYPH_CLASSES[0])[-1, 0].numpy(), root / "extra.png")
+    extra = save(
+        test.transform.stored(test.class_images(GLYPH_CLASSES[0]))[-1, 0].numpy(), root / "extra.png"
+    )
     truth[str(extra)] = test.class_names[GLYPH_CLASSES[0]].replace("/", "_")
     return root / "support", [str(root / "queries"), str(extra)], truth
 
@@ -125,9 +129,11 @@ def test_predict_on_unseen_glyph_classes(glyph_run, glyph_task, tmp_path, capsys
 
 
 def test_images_are_converted_as_training_images_were(glyph_run, tmp_path):
-    """A glyph stored as RGB at 56x56 is read back as the 1-channel 28x28 image it was made from."""
-    original = load_dataset("glyphs", "test").class_images(GLYPH_CLASSES[1])[0, 0]  # uint8 [28, 28]
-    path = save(original.numpy(), tmp_path / "big.png", "RGB", 56)
+    """A glyph stored dark-on-light as RGB at 56x56 is read back as the 1-channel 28x28 light-on-dark
+    image it was made from, with no flag."""
+    test = load_dataset("glyphs", "test")
+    original = test.class_images(GLYPH_CLASSES[1])[0, 0]  # uint8 [28, 28], ink 255
+    path = save(test.transform.stored(original).numpy(), tmp_path / "big.png", "RGB", 56)
     x = FewShotPredictor.from_run(glyph_run).load_images([path])
     assert x.shape == (1, 1, 28, 28) and x.dtype == torch.float32
     difference = (x[0, 0] - original.float() / 255).abs().mean()
@@ -174,7 +180,7 @@ def small_learner(name):
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_every_learner_predicts(name, folders):
-    model = FewShotPredictor(small_learner(name), image_size=28, channels=1).fit_support(folders / "support3")
+    model = FewShotPredictor(small_learner(name), InputTransform(28, 1)).fit_support(folders / "support3")
     predictions = model.predict([folders / "queries"])
     assert model.class_names == ["class00", "class01", "class02"]
     assert [Path(p.path).name for p in predictions] == ["q0.png", "q1.png", "q2.png", "q3.png"]
@@ -191,11 +197,14 @@ def test_every_learner_predicts(name, folders):
             model.fit_support(folders / "support4")
 
 
-def test_invert_flips_pixels(folders):
-    plain = FewShotPredictor(small_learner("protonet"), image_size=28, channels=1)
-    inverted = FewShotPredictor(small_learner("protonet"), image_size=28, channels=1, invert=True)
+def test_invert_overrides_the_recorded_polarity(glyph_run, folders):
+    """Glyph models record inverted files; invert=False / True (--no-invert / --invert) override it."""
+    recorded = FewShotPredictor.from_run(glyph_run)
+    assert recorded.transform.invert is True
+    assert FewShotPredictor.from_run(glyph_run, invert=True).transform == recorded.transform
+    plain = FewShotPredictor.from_run(glyph_run, invert=False)
     path = folders / "queries" / "q0.png"
-    assert torch.equal(inverted.load_images([path]), 1.0 - plain.load_images([path]))
+    assert torch.equal(plain.load_images([path]), 1.0 - recorded.load_images([path]))
 
 
 @pytest.fixture(scope="module")

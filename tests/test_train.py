@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import episode_accuracies
 
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import ConfigError, load_config
@@ -44,7 +45,13 @@ def test_run_writes_its_files_and_a_sane_result(image_folder, tmp_path):
     assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "result.json"} <= files
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["mean"] == pytest.approx(result.mean) and saved["episodes"] == 20
-    assert 0.0 <= result.mean <= 1.0 and result.ci95 >= 0.0
+    # the result is the best model's, on the test episodes: recomputed without metaloop.evaluate
+    # (to 1e-6: evaluate averages float32 accuracies)
+    best = learner_from_checkpoint(load_checkpoint(tmp_path / "run" / "best.pt"))
+    config = tiny_config(image_folder, tmp_path / "run")
+    values = episode_accuracies(best, TaskSource(config).dataset(config.data.test_split), config.eval)
+    assert result.mean == pytest.approx(values.mean().item(), abs=1e-6)
+    assert result.ci95 == pytest.approx(1.96 * values.std().item() / math.sqrt(20), abs=1e-6)
     steps = [r["step"] for r in metric_lines(tmp_path / "run")]
     assert steps == [3, 6, 6, 9, 12, 12]  # train lines every 3 steps, validation at 6 and 12
     records = metric_lines(tmp_path / "run")

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
         if "eval_inner_steps" not in state["hparams"]:
             raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
         state["hparams"]["eval_inner_steps"] = args.inner_steps
+    _check_test_input(state, config)
     if args.attack is not None:
         return _eval_attack(args, state, config)
     if args.epsilon is not None or args.attack_steps is not None:
@@ -118,6 +120,17 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def _check_test_input(state: dict[str, Any], config: Config) -> None:
+    """The test images must be converted as the model's training images were (its recorded transform)."""
+    from metaloop.data.transform import check_same_input, checkpoint_transform, dataset_transform
+
+    if config.data.name == "sinusoid":
+        return
+    channels = int(state["hparams"].get("in_channels", 1))
+    data = dataset_transform(config.data.name, config.data.image_size, channels)
+    check_same_input(checkpoint_transform(state), data, f"this {state['algorithm']} model")
 
 
 def _eval_attack(args: argparse.Namespace, state: dict[str, Any], config: Config) -> int:
@@ -201,11 +214,21 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from metaloop.predict import FewShotPredictor, predictions_csv, write_predictions_csv
+    from metaloop.predict import (
+        FewShotPredictor,
+        InputStatisticsWarning,
+        predictions_csv,
+        write_predictions_csv,
+    )
 
     check_device(args.device)
     model = FewShotPredictor.from_run(args.checkpoint, invert=args.invert, device=args.device)
-    predictions = model.fit_support(args.support).predict(args.query)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputStatisticsWarning)  # printed as one line below
+        model.fit_support(args.support)
+    if model.support_warning is not None:
+        print(f"metaloop predict: warning: {model.support_warning}", file=sys.stderr)
+    predictions = model.predict(args.query)
     if args.out:
         write_predictions_csv(predictions, model.class_names, args.out)
         print(
@@ -393,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adapt a trained classifier to SUPPORT/<class_name>/<images> and classify the query "
         "images (files, or every image below a folder). Writes CSV: path, predicted class, then one "
         "column p_<class> per support class (softmax probabilities), one row per query in sorted path "
-        "order. Images are converted as the training images were (the run's image size and channels).",
+        "order. Images are converted as the training images were: the input transform the checkpoint "
+        "records (image size, channels, resize filter, polarity, value range). A warning line says when the "
+        "support images look unlike the training data (e.g. inverted).",
     )
     pr.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses best.pt)")
     pr.add_argument("--support", required=True, metavar="DIR", help="folder of class folders of images")
@@ -401,8 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", metavar="FILE.csv", help="write the CSV here (atomically); default: stdout")
     pr.add_argument(
         "--invert",
-        action="store_true",
-        help="use 255 - pixel: dark ink on light paper with a model trained on Omniglot or glyphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override the polarity the model records for its training data: --invert reads 255 - pixel, "
+        "--no-invert the pixels as they are (default: as the training data; Omniglot and glyph models "
+        "invert, so black-ink-on-white files need no flag)",
     )
     pr.add_argument("--device", default="cpu", help=f"{DEVICE_NAMES} (default cpu)")
     pr.set_defaults(handler=_predict)

@@ -35,6 +35,7 @@ from metaloop import distributed, zoo
 from metaloop.checkpoint import load_checkpoint
 from metaloop.config import Config, config_from_dict, load_config
 from metaloop.data.base import ClassImages
+from metaloop.data.transform import check_same_input, checkpoint_transform
 from metaloop.evaluate import confidence_interval, episode_metrics
 from metaloop.tasks.episodes import EpisodeSampler
 from metaloop.train import TaskSource, config_of_run, learner_from_checkpoint, run
@@ -354,6 +355,8 @@ def episode_values(
     episodes come from a fresh sampler seeded with ``seed``, the same for every contender.
     """
     best = load_checkpoint(c.run_dir / "best.pt")
+    test_data = source.dataset(source.config.data.test_split).transform
+    check_same_input(checkpoint_transform(best), test_data, c.name)
     learner = learner_from_checkpoint(best).to(device)
     own_ways = fixed_ways(best["hparams"])
     values = {}

@@ -2,9 +2,11 @@
 
 The support folder is ``support/<class_name>/<images>`` (as in :mod:`metaloop.data.folder`); each
 query image gets the support class with the highest probability, and the softmax of the learner's
-logits over all support classes. Images are converted exactly as training images were: to the
-checkpoint's ``data.image_size`` and the learner's ``in_channels`` (grayscale or RGB, transparency
-flattened onto white, Lanczos resize), pixels scaled to [0, 1].
+logits over all support classes. Images are converted exactly as the training images were, by the
+:class:`~metaloop.data.transform.InputTransform` the checkpoint records (size, channels, resize filter,
+polarity, value range); a checkpoint of an older version gets the one its config implies. When the
+support images' mean intensity is far from the training data's, :meth:`FewShotPredictor.fit_support`
+warns (:class:`InputStatisticsWarning`) with what to do.
 
 Example:
     >>> from metaloop import FewShotPredictor
@@ -21,8 +23,10 @@ query's probabilities depend on the other queries it is predicted with. ProtoNet
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +36,14 @@ import torch
 from metaloop import distributed
 from metaloop.algorithms.base import MetaLearner, Predictor
 from metaloop.checkpoint import load_checkpoint
-from metaloop.data.folder import IMAGE_EXTENSIONS, list_image_folder, load_image_files
+from metaloop.data.folder import IMAGE_EXTENSIONS, list_image_folder
+from metaloop.data.transform import InputTransform, checkpoint_transform, statistics_warning
 from metaloop.fileio import atomic_write_bytes
 from metaloop.train import learner_from_checkpoint
+
+
+class InputStatisticsWarning(UserWarning):
+    """Support images unlike the training data (mean intensity far from it): wrong polarity, say."""
 
 
 @dataclass(frozen=True)
@@ -52,42 +61,43 @@ class FewShotPredictor:
     Args:
         learner: a trained image classifier (not a regression learner); it is moved to ``device``
             and put in eval mode.
-        image_size: side ``S`` that images are resized to (the training data's).
-        channels: 1 (grayscale) or 3 (RGB), the training data's (``learner.hparams["in_channels"]``).
-        invert: use ``255 - pixel``: for dark ink on light paper with a model trained on white ink on
-            black (Omniglot, glyphs). Leave off for a model trained on an image folder.
+        transform: how an image file becomes an input: the training data's
+            (:func:`metaloop.data.transform.checkpoint_transform` of its checkpoint).
         device: where the network runs (``"cpu"``, ``"cuda"``, ``"auto"``).
     """
 
     def __init__(
-        self,
-        learner: MetaLearner,
-        image_size: int,
-        channels: int,
-        invert: bool = False,
-        device: str | torch.device = "cpu",
+        self, learner: MetaLearner, transform: InputTransform, device: str | torch.device = "cpu"
     ) -> None:
-        if learner.hparams.get("ways") == 0:
-            raise ValueError(
-                f"this {learner.name} model is a regression model (backbone mlp, e.g. sinusoid tasks); "
-                "predict is for image classifiers. Evaluate it with 'metaloop eval' instead"
-            )
+        check_classifier(learner)
         self.device = distributed.local_device(device)
         self.learner = learner.to(self.device).eval()
-        self.image_size, self.channels, self.invert = image_size, channels, invert
+        self.transform = transform
         self.class_names: list[str] = []
+        self.support_warning: str | None = None
         self._predictor: Predictor | None = None
 
     @classmethod
     def from_run(
-        cls, checkpoint: str | os.PathLike, invert: bool = False, device: str | torch.device = "cpu"
+        cls,
+        checkpoint: str | os.PathLike,
+        invert: bool | None = None,
+        device: str | torch.device = "cpu",
     ) -> FewShotPredictor:
         """The model of a run folder (its ``best.pt``, else ``last.pt``) or of a checkpoint file, with
-        the image size and channel count it was trained on."""
+        the input transform of its training data.
+
+        ``invert`` overrides the recorded polarity: True reads ``255 - pixel``, False the pixels as
+        they are; ``None`` (the default) keeps the training data's.
+        """
         state = load_checkpoint(checkpoint)
-        learner = learner_from_checkpoint(state)
-        image_size = int(state["config"]["data"]["image_size"])
-        return cls(learner, image_size, int(state["hparams"]["in_channels"]), invert, device)
+        learner = check_classifier(learner_from_checkpoint(state))
+        transform = checkpoint_transform(state)
+        if transform is None:
+            raise ValueError(f"{checkpoint} records no input transform, so its model takes no images")
+        if invert is not None:
+            transform = dataclasses.replace(transform, invert=invert)
+        return cls(learner, transform, device)
 
     @property
     def max_ways(self) -> int | None:
@@ -96,12 +106,15 @@ class FewShotPredictor:
         return int(ways) if ways else None
 
     def load_images(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
-        """float ``[N, C, S, S]`` in [0, 1] on the model's device, converted as training images were."""
-        images = load_image_files(paths, self.image_size, self.channels, self.invert)
-        return images.to(self.device).float().div_(255.0)
+        """float ``[N, C, S, S]`` on the model's device, converted as the training images were."""
+        return self.transform.to_float(self.transform.load_files(paths).to(self.device))
 
     def fit_support(self, support_dir: str | os.PathLike) -> FewShotPredictor:
         """Adapt to ``support_dir/<class_name>/<images>`` (classes sorted by name); returns ``self``.
+
+        Support images whose mean intensity is far from the training data's (e.g. mostly white for
+        a model trained on mostly black) set :attr:`support_warning` and emit an
+        :class:`InputStatisticsWarning` saying what to do.
 
         Raises:
             FileNotFoundError: ``support_dir`` does not exist.
@@ -127,6 +140,9 @@ class FewShotPredictor:
         ).to(self.device)  # [N], class-major
         self._predictor = self.learner.adapt(support_x, support_y)
         self.class_names = names
+        self.support_warning = statistics_warning(self.transform, self.transform.unit_mean(support_x))
+        if self.support_warning is not None:
+            warnings.warn(self.support_warning, InputStatisticsWarning, stacklevel=2)
         return self
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,6 +173,16 @@ class FewShotPredictor:
             )
             for path, p in zip(paths, probs, strict=True)
         ]
+
+
+def check_classifier(learner: MetaLearner) -> MetaLearner:
+    """``learner``, if it classifies; ``ValueError`` for a regression model."""
+    if learner.hparams.get("ways") == 0:
+        raise ValueError(
+            f"this {learner.name} model is a regression model (backbone mlp, e.g. sinusoid tasks); "
+            "predict is for image classifiers. Evaluate it with 'metaloop eval' instead"
+        )
+    return learner
 
 
 def query_paths(queries: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:

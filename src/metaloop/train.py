@@ -34,6 +34,7 @@ from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from metaloop.config import Config, ConfigError, TrainConfig, config_from_dict, config_to_yaml
 from metaloop.data import load_dataset
 from metaloop.data.base import ClassImages
+from metaloop.data.transform import training_record
 from metaloop.evaluate import EvalResult, Sampler, evaluate
 from metaloop.fileio import atomic_link, atomic_write_bytes
 from metaloop.metric_files import MetricsCsv, TensorBoardLog, check_tensorboard
@@ -268,6 +269,9 @@ class Trainer:
         self.state = RunState()
         self.csv = MetricsCsv(self.run_dir / "metrics.csv", self.metrics_path)
         self.tensorboard: TensorBoardLog | None = None  # opened with the run folder (rank 0)
+        # what a file goes through to become an input, saved with the model (metaloop.data.transform)
+        train_data = [] if self.tasks.regression else self.tasks.datasets(config.data.train_split)
+        self.input_transform = training_record(train_data)
 
     # ----- files ---------------------------------------------------------------------------
     @property
@@ -294,6 +298,7 @@ class Trainer:
                 "algorithm": self.learner.name,
                 "hparams": self.learner.hparams,
                 "config": self.config.to_dict(),
+                "input_transform": self.input_transform,
                 "model": self.learner.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -325,6 +330,7 @@ class Trainer:
                 "algorithm": self.learner.name,
                 "hparams": self.learner.hparams,
                 "config": self.config.to_dict(),
+                "input_transform": self.input_transform,
                 "model": self.learner.state_dict(),
                 "step": self.state.step,
                 "val": val.to_dict(),

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -31,15 +33,34 @@ def test_batched_predict_equals_per_task_adapt(class_images):
         assert torch.allclose(batched[t], single, atol=1e-4)
 
 
+def reference_loss(learner, batch):
+    """Query cross-entropy and accuracy of a ProtoNet, written out in float64 one task at a time: each
+    task's support and query images embedded together (batch-norm statistics of that task), each
+    prototype the mean of its class's support embeddings, logits minus squared Euclidean distances."""
+    encoder = copy.deepcopy(learner.encoder).double().train()
+    losses, right, count = [], 0, 0
+    for t in range(batch.num_tasks):
+        support_x, query_x = batch.support_x[t].double(), batch.query_x[t].double()
+        emb = encoder(torch.cat([support_x, query_x])).flatten(1)  # [N + M, D]
+        support, query = emb[: len(support_x)], emb[len(support_x) :]
+        protos = [support[batch.support_y[t] == k].mean(0) for k in range(batch.ways)]
+        for q, y in zip(query, batch.query_y[t].tolist(), strict=True):
+            logits = torch.stack([-((q - c) ** 2).sum() for c in protos])
+            losses.append(torch.logsumexp(logits, 0) - logits[y])
+            right += int(logits.argmax()) == y
+            count += 1
+    return torch.stack(losses).mean().item(), right / count
+
+
 def test_meta_loss_is_query_cross_entropy_and_trains(class_images):
     torch.manual_seed(0)
     learner = ProtoNet(hidden=16)
-    sampler = EpisodeSampler(class_images, 5, 1, 3, seed=0)
+    sampler = EpisodeSampler(class_images, 5, 2, 3, seed=0)
     batch = sampler.sample(2)
+    expected_loss, expected_accuracy = reference_loss(learner, batch)
     loss, metrics = learner.meta_loss(batch)
-    logits = learner._logits(batch)
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(expected_accuracy)
     assert set(metrics) == {"loss", "accuracy"}
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-2)
     first = None

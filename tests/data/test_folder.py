@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metaloop.data import DATASETS, folder_split_classes, load_dataset
+from metaloop.data import DATASETS, folder_split_classes, glyphs, load_dataset
 from metaloop.data.folder import load_image_files, load_image_folder
 
 
@@ -158,7 +158,6 @@ def test_folder_registry_errors(tmp_path):
 
 
 def test_glyphs_forwarded(monkeypatch):
-    glyphs = pytest.importorskip("metaloop.data.glyphs")
     seen = {}
 
     def fake(split, image_size=28, seed=0, data_dir=None):

@@ -97,10 +97,11 @@ def test_cache_is_used_and_keyed_by_inputs(data_dir, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(mi, "load_image_files", no_decoding)
+    decode = mi._decode
+    monkeypatch.setattr(mi, "_decode", no_decoding)
     assert torch.equal(load_miniimagenet("val", image_size=16, data_dir=data_dir).images, first.images)
 
-    monkeypatch.setattr(mi, "load_image_files", load_image_files)
+    monkeypatch.setattr(mi, "_decode", decode)
     replaced = data_dir / "miniimagenet" / "images" / f"{WNIDS['val'][0]}00000001.jpg"
     Image.new("RGB", (50, 50), (0, 255, 0)).save(replaced)
     os.utime(replaced, ns=(1, 1))  # a different mtime even on a coarse clock

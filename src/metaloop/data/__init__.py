@@ -75,7 +75,8 @@ def load_dataset(
 
         return load_glyphs(split, image_size=image_size, seed=seed, data_dir=data_dir)
     if name == "folder":
-        from metaloop.data.folder import list_image_folder, load_image_files, load_image_folder
+        from metaloop.data.folder import list_image_folder, load_image_folder
+        from metaloop.data.transform import InputTransform
 
         if root is None:
             raise ValueError('load_dataset("folder", ...) needs root=<folder with one sub-folder per class>')
@@ -92,8 +93,9 @@ def load_dataset(
                 "class(es); few-shot tasks need at least 2. Add classes or use split='all'."
             )
 
-        per_class = [load_image_files(classes[i][1], image_size, channels) for i in ids]
-        return ClassImages.from_classes(per_class, [classes[i][0] for i in ids], label)
+        transform = InputTransform(image_size, channels)
+        per_class = [transform.load_files(classes[i][1]) for i in ids]
+        return ClassImages.from_classes(per_class, [classes[i][0] for i in ids], label, transform)
     if name == "miniimagenet":
         from metaloop.data.miniimagenet import load_miniimagenet
 

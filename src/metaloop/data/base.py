@@ -6,11 +6,15 @@ Every image dataset in metaloop (Omniglot, the embedded glyphs, a user's folder)
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from metaloop.data.transform import InputTransform
 
 
 class ClassImages:
@@ -22,6 +26,8 @@ class ClassImages:
         offsets: int64 ``[K + 1]``, non-decreasing, ``offsets[0] == 0``, ``offsets[-1] == N``.
         class_names: ``K`` names, one per class, unique.
         name: a short description used in error messages (``"omniglot/train"``).
+        transform: how the images were made from files (:mod:`metaloop.data.transform`); ``None``
+            for images that come from no file format (synthetic test data).
     """
 
     def __init__(
@@ -30,6 +36,7 @@ class ClassImages:
         offsets: torch.Tensor,
         class_names: Sequence[str],
         name: str = "dataset",
+        transform: InputTransform | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
@@ -50,10 +57,15 @@ class ClassImages:
         self.offsets = offsets
         self.class_names = list(class_names)
         self.name = name
+        self.transform = transform
 
     @classmethod
     def from_classes(
-        cls, per_class: Sequence[torch.Tensor], class_names: Sequence[str], name: str = "dataset"
+        cls,
+        per_class: Sequence[torch.Tensor],
+        class_names: Sequence[str],
+        name: str = "dataset",
+        transform: InputTransform | None = None,
     ) -> ClassImages:
         """Build from one uint8 ``[n_k, C, H, W]`` tensor per class."""
         if len(per_class) != len(class_names):
@@ -61,7 +73,7 @@ class ClassImages:
         if not per_class:
             raise ValueError(f"{name}: no classes")
         sizes = torch.tensor([0] + [t.shape[0] for t in per_class], dtype=torch.int64)
-        return cls(torch.cat(list(per_class)), sizes.cumsum(0), class_names, name)
+        return cls(torch.cat(list(per_class)), sizes.cumsum(0), class_names, name, transform)
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +89,12 @@ class ClassImages:
         """``(C, H, W)`` of every image."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    @functools.cached_property
+    def mean_intensity(self) -> float:
+        """Mean pixel over all images, in [0, 1] (pixel / 255)."""
+        total = int(self.images.numpy().sum(dtype=np.uint64))  # numpy: 0.1 s on Omniglot train, torch 1.7 s
+        return total / (255.0 * max(self.images.numel(), 1))
+
     def __len__(self) -> int:
         return self.images.shape[0]
 
@@ -90,6 +108,7 @@ class ClassImages:
             [self.class_images(k) for k in class_ids],
             [self.class_names[k] for k in class_ids],
             name or self.name,
+            self.transform,
         )
 
     def __repr__(self) -> str:

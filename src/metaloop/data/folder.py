@@ -4,10 +4,12 @@ Every sub-folder of ``root`` is a class (sorted by name); its images are the fil
 ``.png .jpg .jpeg .bmp .gif .webp`` (any case), sorted by name. Names starting with ``.`` are ignored
 (``.DS_Store``, macOS ``._x.png`` forks), as are plain files directly in ``root``.
 
-Pixels are taken as they are: unlike Omniglot (ink = 255) nothing is inverted unless ``invert=True``.
-Each image is converted to "L" (``channels=1``) or "RGB" (``channels=3``) after flattening any
-transparency onto white, then resized to ``image_size x image_size`` with Lanczos, without keeping the
-aspect ratio (crop or pad beforehand if that matters). Animated GIF/WebP files give their first frame.
+Images are converted by :class:`metaloop.data.transform.InputTransform` (recorded with the dataset
+and with every model trained on it): pixels are taken as they are (unlike Omniglot, nothing is
+inverted unless ``invert=True``); each image is converted to "L" (``channels=1``) or "RGB"
+(``channels=3``) after flattening any transparency onto white, then resized to
+``image_size x image_size`` with Lanczos, without keeping the aspect ratio (crop or pad beforehand if
+that matters). Animated GIF/WebP files give their first frame.
 """
 
 from __future__ import annotations
@@ -16,40 +18,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from metaloop.data.base import ClassImages
+from metaloop.data.transform import InputTransform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
-def _check_args(image_size: int, channels: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-
-
-def _load_one(path: Path, image_size: int, channels: int, invert: bool) -> np.ndarray:
-    """uint8 ``[C, S, S]``."""
-    try:
-        with Image.open(path) as im:
-            im.seek(0)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # PIL raises UnidentifiedImageError (an OSError) for non-images and OSError/SyntaxError for
-        # truncated or malformed files.
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-    return 255 - arr if invert else arr
 
 
 def load_image_files(
@@ -58,15 +32,12 @@ def load_image_files(
     channels: int = 1,
     invert: bool = False,
 ) -> torch.Tensor:
-    """Read image files into uint8 ``[N, C, S, S]`` (same conversion as :func:`load_image_folder`).
+    """Read image files into uint8 ``[N, C, S, S]`` (same conversion as :func:`load_image_folder`:
+    :meth:`InputTransform.load_files <metaloop.data.transform.InputTransform.load_files>`).
 
     Raises ``ValueError`` naming the first file that cannot be read.
     """
-    _check_args(image_size, channels)
-    out = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        out[i] = _load_one(Path(p), image_size, channels, invert)
-    return torch.from_numpy(out)
+    return InputTransform(image_size, channels, invert).load_files(paths)
 
 
 def _is_image(path: Path) -> bool:
@@ -122,9 +93,8 @@ def load_image_folder(
         ValueError: no class folders, a class without images, fewer than 2 classes, or an unreadable
             image (named in the message).
     """
-    _check_args(image_size, channels)
+    transform = InputTransform(image_size, channels, invert)
     classes = list_image_folder(root)
-    per_class = [load_image_files(files, image_size, channels, invert) for _, files in classes]
-    return ClassImages.from_classes(
-        per_class, [c for c, _ in classes], name or f"folder/{Path(root).expanduser().name}"
-    )
+    per_class = [transform.load_files(files) for _, files in classes]
+    name = name or f"folder/{Path(root).expanduser().name}"
+    return ClassImages.from_classes(per_class, [c for c, _ in classes], name, transform)

@@ -23,8 +23,10 @@
 * **Splits.** Whole blocks, fixed by the table (not by the seed), like Omniglot's background /
   evaluation alphabets: about 70 / 10 / 20 percent of classes for train / val / test.
   ``GLYPH_BLOCK_SPLITS`` says which block goes where; ``"all"`` is every block.
-* **Output.** uint8 ``[N, 1, S, S]``, ink 255 on background 0. The whole set (about 3,700 classes)
-  takes about 4 seconds to make on a busy 2-core CPU and under 0.1 s to read back from the cache.
+* **Output.** uint8 ``[N, 1, S, S]``, ink 255 on background 0. A glyph is written dark on light, so the
+  recorded :class:`~metaloop.data.transform.InputTransform` inverts image files, as Omniglot's does.
+  The whole set (about 3,700 classes) takes about 4 seconds to make on a busy 2-core CPU and under
+  0.1 s to read back from the cache.
 * **Determinism.** All randomness comes from one ``torch.Generator`` seeded with ``seed``, drawn in a
   fixed order, and the tensor work runs on one thread: a seed gives bit-identical tensors. Results are
   cached under ``default_cache_dir(data_dir)``, with a hash of the font files' names and sizes and of the
@@ -51,6 +53,7 @@ from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont, features
 
 from metaloop.data.base import ClassImages, default_cache_dir, default_data_dir
+from metaloop.data.transform import dataset_transform
 from metaloop.fileio import atomic_torch_save
 
 GLYPH_SPLITS = ("train", "val", "test", "all")
@@ -150,6 +153,7 @@ def load_glyphs(
                 atomic_torch_save(obj, path)
             except OSError as err:
                 warnings.warn(f"glyphs: could not write cache {path}: {err}", stacklevel=2)
+    data.transform = dataset_transform("glyphs", image_size)  # as files: dark ink on light, inverted
     keep = [k for k, n in enumerate(data.class_names) if GLYPH_BLOCK_SPLITS[n.split("/")[0]] == split]
     return data if split == "all" else data.subset(keep, name=f"glyphs/{split}")
 

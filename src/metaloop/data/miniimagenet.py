@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metaloop.data.base import ClassImages, default_cache_dir, default_data_dir
-from metaloop.data.folder import load_image_files
+from metaloop.data.transform import InputTransform, dataset_transform
 from metaloop.fileio import atomic_torch_save
 
 MINIIMAGENET_SPLITS = ("train", "val", "test")
@@ -209,18 +209,17 @@ def _read_cache(
     return None
 
 
-def _decode(paths: list[list[Path]], image_size: int, csv_path: Path, split: str) -> torch.Tensor:
+def _decode(paths: list[list[Path]], transform: InputTransform, csv_path: Path, split: str) -> torch.Tensor:
     """uint8 ``[N, 3, S, S]``: every image, class after class, in CSV order."""
     total = sum(len(class_paths) for class_paths in paths)
-    images = torch.empty((total, 3, image_size, image_size), dtype=torch.uint8)
+    size = transform.image_size
+    images = torch.empty((total, 3, size, size), dtype=torch.uint8)
     start = 0
     desc = f"miniImageNet {split}: decoding once, then cached"
     with tqdm(total=total, desc=desc, unit="image", disable=None, leave=False) as bar:
         for class_paths in paths:
             try:
-                images[start : start + len(class_paths)] = load_image_files(
-                    class_paths, image_size, channels=3
-                )
+                images[start : start + len(class_paths)] = transform.load_files(class_paths)
             except ValueError as e:
                 raise MiniImageNetError(
                     f"{e}\nFix: replace that file with a readable copy (copy or extract it again), "
@@ -272,9 +271,10 @@ def load_miniimagenet(
     cache = default_cache_dir(root.parent) / f"miniimagenet-{split}-{image_size}-{key[:16]}.pt"
     class_names = [label for label, _ in classes]
     sizes = [len(class_paths) for class_paths in paths]
+    transform = dataset_transform("miniimagenet", image_size, channels=3)
     images = _read_cache(cache, key, class_names, sum(sizes), image_size)
     if images is None:
-        images = _decode(paths, image_size, csv_path, split)
+        images = _decode(paths, transform, csv_path, split)
         payload = {"format": _CACHE_FORMAT, "key": key, "class_names": class_names, "images": images}
         try:
             atomic_torch_save(payload, cache)
@@ -283,7 +283,7 @@ def load_miniimagenet(
                 f"could not write the miniImageNet cache {cache} ({e}); continuing without it", stacklevel=2
             )
     offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
-    return ClassImages(images, offsets, class_names, f"miniimagenet/{split}")
+    return ClassImages(images, offsets, class_names, f"miniimagenet/{split}", transform)
 
 
 def _is_empty(folder: Path) -> bool:

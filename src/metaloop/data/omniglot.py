@@ -16,7 +16,9 @@ Splits:
 * ``"background"`` (964 classes) and ``"evaluation"`` (659): Lake's own split, no rotations.
 
 Images: uint8 ``[1, S, S]``, ink = 255 and background = 0. Each 105x105 1-bit PNG is converted to
-"L" and resized with Lanczos (Pillow's former ANTIALIAS). Snell's loader differs in two ways that do not
+"L", resized with Lanczos (Pillow's former ANTIALIAS) and inverted, by the
+:class:`~metaloop.data.transform.InputTransform` that models trained on it record, so ``metaloop
+predict`` reads the same PNG into the same array. Snell's loader differs in two ways that do not
 change the task: it resizes the 1-bit image, which Pillow always does with nearest neighbour, and it
 transposes every image.
 
@@ -44,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from metaloop.data.base import ClassImages, default_cache_dir, default_data_dir
 from metaloop.data.download import download as _download
 from metaloop.data.download import md5_of, sha256_of
+from metaloop.data.transform import InputTransform, dataset_transform
 from metaloop.fileio import atomic_torch_save
 
 OMNIGLOT_SPLITS = ("train", "val", "test", "trainval", "background", "evaluation")
@@ -256,12 +259,14 @@ def verify_omniglot(data_dir: str | Path | None = None) -> list[str]:
 
 
 def decode_png(data: bytes, image_size: int) -> np.ndarray:
-    """One Omniglot PNG -> uint8 ``[S, S]``, ink = 255 (Lanczos resize of the "L" image, inverted)."""
+    """One Omniglot PNG -> uint8 ``[S, S]``, ink = 255: :func:`omniglot_transform` applied to it."""
     with Image.open(BytesIO(data)) as im:
-        gray = im.convert("L")
-    if gray.size != (image_size, image_size):
-        gray = gray.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return 255 - np.asarray(gray, dtype=np.uint8)
+        return omniglot_transform(image_size).from_pil(im)[0]
+
+
+def omniglot_transform(image_size: int) -> InputTransform:
+    """How Omniglot's PNG files (black ink on white) become images: "L", Lanczos resize, inverted."""
+    return dataset_transform("omniglot", image_size, channels=1)
 
 
 def _decode_archives(
@@ -386,6 +391,7 @@ def load_omniglot(
         offsets,
         names,
         f"omniglot/{split}",
+        omniglot_transform(image_size),
     )
 
 
