@@ -5,7 +5,8 @@ glibc serves such blocks with mmap and returns them on free, so every step pays 
 page faults. This applies ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` from inside the
 process with ``mallopt``, which works at any time (for the allocations after the call), unlike
 the environment variables, which glibc reads only at process start; elsewhere it does nothing.
-The CLI calls it; a Python script that trains should call it once, first thing. Measured by
+The CLI and :class:`metaloop.train.Trainer` call it; a Python script with its own training loop
+should call it once, first thing. Measured by
 ``benchmarks/allocator.py`` (``benchmarks/results/allocator.json``, 2-core CPU): a ProtoNet
 60-way training step 1.94x faster; prediction (adapt + 100 queries) unchanged (0.98x).
 """

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from metaloop import distributed
 from metaloop.algorithms import LEARNERS, build_learner
 from metaloop.algorithms.base import MetaLearner
+from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metaloop.config import Config, ConfigError, TrainConfig, config_from_dict, config_to_yaml
 from metaloop.data import load_dataset
@@ -227,6 +228,7 @@ class Trainer:
 
     def __init__(self, config: Config, progress: bool = True) -> None:
         check_world(config)
+        keep_freed_memory()  # 1.94x faster ProtoNet steps, benchmarks/results/allocator.json; as the CLI
         for key, options in (
             ("on_nonfinite", NONFINITE_ACTIONS),
             ("precision", PRECISIONS),
@@ -262,7 +264,8 @@ class Trainer:
             safe = ", ".join(sorted(name for name, cls in LEARNERS.items() if cls.bf16_safe))
             raise ConfigError(
                 f"train.precision=bf16 is not offered for {self.learner.name}: its bfloat16 meta-gradient "
-                f"strays too far from float32 (cosine < 0.99, tests/test_amp.py); use train.precision=fp32. "
+                "strays too far from float32 (cosine < 0.96 on a seeded batch, tests/test_amp.py); "
+                "use train.precision=fp32. "
                 f"bf16 is offered for: {safe}"
             )
         self.optimizer, self.scheduler = outer_optimizer(self.learner.parameters(), t)
