@@ -16,7 +16,6 @@ from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from metaloop.data.download import DownloadError
 from metaloop.data.omniglot import OmniglotError
-from metaloop.train import TrainingDiverged
 
 EXAMPLES = """examples:
   metaloop train                                        # ProtoNet on the embedded glyph set (no download)
@@ -71,7 +70,8 @@ def _draw_learning_curve(run_dir: Path) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from metaloop.train import learner_from_checkpoint, test_learner
+    from metaloop.evaluate import test_learner
+    from metaloop.learners import learner_class, learner_from_checkpoint
 
     state = load_checkpoint(args.checkpoint)
     overrides = [
@@ -86,8 +86,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.device:
         overrides.append(f"device={args.device}")
     config = config_from_dict(apply_overrides(state["config"], overrides))
+    adapts_by_gradient = learner_class(state["algorithm"]).adapts_by_gradient
     if args.inner_steps is not None:
-        if "eval_inner_steps" not in state["hparams"]:
+        if not adapts_by_gradient:
             raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
         state["hparams"]["eval_inner_steps"] = args.inner_steps
     if args.attack is not None:
@@ -99,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
         result = test_learner(config, learner, progress=not args.no_progress)
     if not distributed.is_main():
         return 0
-    steps = state["hparams"].get("eval_inner_steps")
+    steps = state["hparams"]["eval_inner_steps"] if adapts_by_gradient else None
     after = f" after {steps} inner step{'s' * (steps != 1)}" if steps is not None else ""
     print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}{after}: {result}")
     if args.json:
@@ -110,8 +111,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_attack(args: argparse.Namespace, state: dict[str, Any], config: Config) -> int:
     """``eval --attack``: clean and adversarial accuracy ± 95% CI over the same test episodes."""
     from metaloop.attacks import check_attack
+    from metaloop.learners import learner_from_checkpoint
     from metaloop.robustness import evaluate_under_attack
-    from metaloop.train import TaskSource, learner_from_checkpoint
+    from metaloop.tasks.source import TaskSource
 
     if args.epsilon is None:
         raise ConfigError(
@@ -408,12 +410,15 @@ def _handle(args: argparse.Namespace) -> int:
     ) as error:
         print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
         return 2
-    except TrainingDiverged as error:
-        print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
-        return 3
     except distributed.DistributedError as error:  # its message names the rank
         print(f"metaloop {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except RuntimeError as error:
+        train = sys.modules.get("metaloop.train")  # only a command that trains can diverge
+        if train is None or not isinstance(error, train.TrainingDiverged):
+            raise
+        print(f"metaloop {args.command}: error: {_where()}{error}", file=sys.stderr)
+        return 3
 
 
 def _where() -> str:

@@ -34,7 +34,7 @@ from metaloop.algorithms.base import MetaLearner, Predictor
 from metaloop.checkpoint import load_checkpoint
 from metaloop.data.folder import IMAGE_EXTENSIONS, list_image_folder, load_image_files
 from metaloop.fileio import atomic_write_bytes
-from metaloop.train import learner_from_checkpoint
+from metaloop.learners import learner_from_checkpoint
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class FewShotPredictor:
         learner: a trained image classifier (not a regression learner); it is moved to ``device``
             and put in eval mode.
         image_size: side ``S`` that images are resized to (the training data's).
-        channels: 1 (grayscale) or 3 (RGB), the training data's (``learner.hparams["in_channels"]``).
+        channels: 1 (grayscale) or 3 (RGB), the training data's (see :meth:`from_run`).
         invert: use ``255 - pixel``: for dark ink on light paper with a model trained on white ink on
             black (Omniglot, glyphs). Leave off for a model trained on an image folder.
         device: where the network runs (``"cpu"``, ``"cuda"``, ``"auto"``).
@@ -67,9 +67,9 @@ class FewShotPredictor:
         invert: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
-        if learner.hparams.get("ways") == 0:
+        if learner.task_type != "classification":
             raise ValueError(
-                f"this {learner.name} model is a regression model (backbone mlp, e.g. sinusoid tasks); "
+                f"this {learner.name} model is a {learner.task_type} model (e.g. sinusoid tasks); "
                 "predict is for image classifiers. Evaluate it with 'metaloop eval' instead"
             )
         self.device = distributed.local_device(device)
@@ -87,13 +87,12 @@ class FewShotPredictor:
         state = load_checkpoint(checkpoint)
         learner = learner_from_checkpoint(state)
         image_size = int(state["config"]["data"]["image_size"])
-        return cls(learner, image_size, int(state["hparams"]["in_channels"]), invert, device)
+        return cls(learner, image_size, learner.input_channels, invert, device)
 
     @property
     def max_ways(self) -> int | None:
         """The most classes a support set can have (learners with a fixed output layer), else None."""
-        ways = self.learner.hparams.get("ways")
-        return int(ways) if ways else None
+        return self.learner.fixed_ways
 
     def load_images(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
         """float ``[N, C, S, S]`` in [0, 1] on the model's device, converted as training images were."""
