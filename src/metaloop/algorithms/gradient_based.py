@@ -8,21 +8,24 @@ error; metrics ``loss`` and ``mse``; one output, ``ways`` = 0). They are functio
 (per-task parameters, batch norm per task), so every strategy (``loop``, ``vmap``, ``batched``)
 runs them. A user's network (a module, or ``package.module:factory``) classifies (``ways`` > 0, or
 ``None``: as many ways as it has outputs) or regresses (``ways = 0``); it runs one task at a time,
-under ``loop`` or ``vmap``, and its batch-norm layers are replaced by per-task batch norm
-(:func:`metaloop.nn.task_norm.swap_batch_norm`): ``torch.func.vmap`` over the built-in batch norm
-gives wrong second-order meta-gradients (torch 2.13), and running statistics updated in place
-inside a differentiated inner loop would break its backward pass.
+under ``loop`` or ``vmap``. Its batch-norm layers are replaced by per-task batch norm and its layer
+norms by an exact one (:func:`metaloop.nn.task_norm.swap_norms`): ``torch.func.vmap`` over the
+built-in batch and layer norms gives wrong second-order meta-gradients (torch 2.13), and running
+statistics updated in place inside a differentiated inner loop would break its backward pass.
+``vmap`` is refused for a network with other normalisation layers (group, instance norm).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaloop.algorithms.base import MetaLearner, Predictor, most_ways
 from metaloop.config import Config
@@ -38,7 +41,7 @@ from metaloop.inner import (
     mse_per_task,
 )
 from metaloop.nn.backbones import BUILTIN, adaptable_backbone, check_backbone_name, object_spec, probe
-from metaloop.nn.task_norm import swap_batch_norm
+from metaloop.nn.task_norm import swap_norms, vmap_refusal
 from metaloop.tasks.episodes import TaskBatch
 from metaloop.tasks.source import TaskSource
 
@@ -184,7 +187,12 @@ class GradientLearner(MetaLearner):
                 h.get("backbone_args"),
             )
         if not self.functional:
-            swap_batch_norm(network)
+            swap_norms(network)
+            problem = vmap_refusal(network)
+            if problem is not None and self.hparams["strategy"] == "vmap":
+                raise ValueError(
+                    f"strategy 'vmap' is refused for this network: {problem}; use strategy 'loop'"
+                )
         return network
 
     def head_names(self) -> list[str]:
@@ -280,8 +288,11 @@ class GradientLearner(MetaLearner):
                 forward = self.first_outputs(forward, ways)
         inputs_s, inputs_q = self.inner_inputs(support_x), self.inner_inputs(query_x)
         inner = self.inner_loop(meta, support_x.device)
+        # attention's fused kernels have no second derivative: differentiate through plain operations
+        attention = nullcontext() if inner.first_order else sdpa_kernel(SDPBackend.MATH)
         try:
-            return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps)
+            with attention:
+                return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps)
         except RuntimeError as error:
             if inner.strategy != "vmap" or self.functional:
                 raise
