@@ -3,11 +3,12 @@ trainer: evaluating or predicting with a saved model never imports the trainer).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from metaloop.algorithms import LEARNERS, build_learner
 from metaloop.algorithms.base import MetaLearner
-from metaloop.checkpoint import CheckpointError
+from metaloop.checkpoint import CheckpointError, save_checkpoint
 from metaloop.config import Config, ConfigError
 from metaloop.nn.backbones import BackboneError
 from metaloop.tasks.source import TaskSource
@@ -52,3 +53,12 @@ def learner_checkpoint(learner: MetaLearner, config: Config, **extra: Any) -> di
         "model": learner.state_dict(),
         **extra,
     }
+
+
+def export_learner(config: Config, path: str | Path) -> MetaLearner:
+    """Build the learner of ``config`` without meta-training it (e.g. ProtoNet over a pretrained
+    ``algorithm.backbone_weights``) and write it to ``path`` as a checkpoint that ``metaloop eval``,
+    ``metaloop predict`` and :class:`metaloop.predict.FewShotPredictor` take like a trained one."""
+    learner = learner_from_config(config, TaskSource(config))
+    save_checkpoint(path, learner_checkpoint(learner, config, step=0, val=None))
+    return learner

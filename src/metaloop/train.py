@@ -106,6 +106,12 @@ class Trainer:
         )
         self.validate_sampler()  # constructing it checks the episode shape before any training happens
         self.learner = learner_from_config(config, self.tasks).to(self.device)
+        if not any(p.requires_grad for p in self.learner.parameters()):
+            raise ConfigError(
+                f"{self.learner.name} has no parameter left to meta-train (algorithm.freeze_backbone fixes "
+                "its whole network); to use the pretrained network as it is, write a checkpoint with "
+                "'metaloop export' and evaluate that"
+            )
         if t.precision == "bf16" and not self.learner.bf16_safe:
             safe = ", ".join(sorted(name for name, cls in LEARNERS.items() if cls.bf16_safe))
             raise ConfigError(
