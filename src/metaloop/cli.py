@@ -212,7 +212,7 @@ def _export(args: argparse.Namespace) -> int:
     if Path(args.out).exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out or delete it")
     learner = export_learner(config, args.out)
-    print(f"{learner.name} over backbone {learner.hparams.get('backbone')}, not meta-trained: {args.out}")
+    print(f"{learner.name} over a {type(learner.backbone).__name__}, not meta-trained: {args.out}")
     return 0
 
 
