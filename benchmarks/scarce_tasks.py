@@ -22,7 +22,8 @@ from pathlib import Path
 
 from metaloop.config import load_config
 from metaloop.report import plot_accuracy_vs_shots
-from metaloop.train import TaskSource, run
+from metaloop.tasks.source import TaskSource
+from metaloop.train import run
 
 RESULTS = Path(__file__).parent / "results"
 

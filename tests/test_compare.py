@@ -15,7 +15,8 @@ from metaloop.cli import main
 from metaloop.compare import Cell, cell_record, paired_difference
 from metaloop.config import config_from_dict
 from metaloop.evaluate import evaluate
-from metaloop.train import TaskSource, learner_from_checkpoint
+from metaloop.learners import learner_from_checkpoint
+from metaloop.tasks.source import TaskSource
 
 
 def test_paired_difference_matches_a_direct_computation():

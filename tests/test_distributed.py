@@ -281,7 +281,7 @@ def test_protonet_tasks_do_not_see_each_other(class_images):
     norm) get no gradient, and the checkpoint keys are those of earlier versions."""
     torch.manual_seed(0)
     learner = ProtoNet(hidden=8)
-    assert learner.hparams == {"in_channels": 1, "hidden": 8}
+    assert learner.hparams == {"backbone": "conv4", "in_channels": 1, "hidden": 8}
     assert list(learner.state_dict())[:7] == [
         "encoder.blocks.0.0.weight",
         "encoder.blocks.0.0.bias",

@@ -256,7 +256,7 @@ def png(folders):
         ("empty query folder", "no query images in {tmp}/empty"),
         ("unreadable query", "cannot read image {tmp}/broken.jpg"),
         ("too many classes", "fixed 3-way output layer, so the support set can have at most 3 classes"),
-        ("regression model", "regression model (backbone mlp, e.g. sinusoid tasks); predict is for image"),
+        ("regression model", "regression model (e.g. sinusoid tasks); predict is for image"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_no_csv(case, message, tiny_runs, folders, tmp_path, capsys):

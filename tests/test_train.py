@@ -7,7 +7,9 @@ from conftest import episode_accuracies
 
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import ConfigError, load_config
-from metaloop.train import TaskSource, Trainer, learner_from_checkpoint, run
+from metaloop.learners import learner_from_checkpoint
+from metaloop.tasks.source import TaskSource
+from metaloop.train import Trainer, run
 
 
 def tiny_config(root, run_dir, *extra):

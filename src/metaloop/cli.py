@@ -1,5 +1,5 @@
-"""Command line: ``metaloop train | eval | compare | predict | data | recipes``; ``--help`` on each
-explains it. How failures are reported (one line, or a traceback): :mod:`metaloop.cli_errors`."""
+"""Command line: ``metaloop train | eval | compare | predict | export | data | recipes``; ``--help``
+on each explains it. How failures are reported (one line, or a traceback): :mod:`metaloop.cli_errors`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   metaloop eval --checkpoint runs/protonet_omniglot_5w1s --attack pgd --epsilon 0.1   # robustness
   metaloop compare runs/protonet_omniglot_5w1s configs/maml_omniglot_5w1s.yaml --out cmp   # same episodes
   metaloop predict --checkpoint runs/default --support my_support --query my_queries --out predictions.csv
+  metaloop export --config my_protonet.yaml --set algorithm.backbone_weights=encoder.pt --out model.pt
   metaloop data prepare omniglot                        # download + verify into $METALOOP_DATA
   torchrun --nproc-per-node 2 -m metaloop train --config configs/maml_omniglot_5w1s.yaml   # 2 processes
 """
@@ -78,7 +79,8 @@ def _draw_learning_curve(run_dir: Path) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from metaloop.train import learner_from_checkpoint, test_learner
+    from metaloop.evaluate import test_learner
+    from metaloop.learners import learner_class, learner_from_checkpoint
 
     if args.ways is not None and args.ways < 2:
         raise ConfigError(
@@ -100,8 +102,9 @@ def _eval(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     config = config_from_dict(apply_overrides(state["config"], overrides))
     check_settings(config)
+    adapts_by_gradient = learner_class(state["algorithm"]).adapts_by_gradient
     if args.inner_steps is not None:
-        if "eval_inner_steps" not in state["hparams"]:
+        if not adapts_by_gradient:
             raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
         state["hparams"]["eval_inner_steps"] = args.inner_steps
     _check_test_input(state, config)
@@ -114,7 +117,7 @@ def _eval(args: argparse.Namespace) -> int:
         result = test_learner(config, learner, progress=not args.no_progress)
     if not distributed.is_main():
         return 0
-    steps = state["hparams"].get("eval_inner_steps")
+    steps = state["hparams"]["eval_inner_steps"] if adapts_by_gradient else None
     after = f" after {steps} inner step{'s' * (steps != 1)}" if steps is not None else ""
     print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}{after}: {result}")
     if args.json:
@@ -136,8 +139,9 @@ def _check_test_input(state: dict[str, Any], config: Config) -> None:
 def _eval_attack(args: argparse.Namespace, state: dict[str, Any], config: Config) -> int:
     """``eval --attack``: clean and adversarial accuracy ± 95% CI over the same test episodes."""
     from metaloop.attacks import check_attack
+    from metaloop.learners import learner_from_checkpoint
     from metaloop.robustness import evaluate_under_attack
-    from metaloop.train import TaskSource, learner_from_checkpoint
+    from metaloop.tasks.source import TaskSource
 
     if args.epsilon is None:
         raise ConfigError(
@@ -237,6 +241,17 @@ def _predict(args: argparse.Namespace) -> int:
         )
     else:
         sys.stdout.write(predictions_csv(predictions, model.class_names))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from metaloop.learners import export_learner
+
+    config = load_config(args.config, list(args.set))
+    if Path(args.out).exists():
+        raise FileExistsError(f"{args.out} already exists; choose another --out or delete it")
+    learner = export_learner(config, args.out)
+    print(f"{learner.name} over a {type(learner.backbone).__name__}, not meta-trained: {args.out}")
     return 0
 
 
@@ -434,6 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--device", default="cpu", help=f"{DEVICE_NAMES} (default cpu)")
     pr.set_defaults(handler=_predict)
+
+    ex = commands.add_parser(
+        "export",
+        help="write a checkpoint of a learner built from a recipe, without meta-training",
+        description="Build the learner of a recipe (for example ProtoNet over a pretrained network: "
+        "algorithm.backbone=package.module:factory, algorithm.backbone_weights=weights.pt) and write it as "
+        "a checkpoint for 'metaloop eval' and 'metaloop predict'. No meta-training happens.",
+    )
+    ex.add_argument("--config", help="YAML recipe (default: the built-in defaults)")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ex.add_argument("--out", required=True, metavar="FILE.pt", help="the checkpoint to write")
+    ex.set_defaults(handler=_export)
 
     data = commands.add_parser(
         "data",

@@ -26,10 +26,16 @@ from metaloop.config import Config, ConfigError
 from metaloop.data.download import DownloadError
 from metaloop.data.omniglot import OmniglotError
 from metaloop.device import check_device
-from metaloop.train import TrainingDiverged
 
 PACKAGE = Path(__file__).resolve().parent
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, OmniglotError, OSError)
+
+
+def diverged(error: Exception) -> bool:
+    """Whether ``error`` is the trainer's :class:`metaloop.train.TrainingDiverged`, looked up without
+    importing the trainer (only a command that trains can diverge; eval and predict never load it)."""
+    train = sys.modules.get("metaloop.train")
+    return train is not None and isinstance(error, train.TrainingDiverged)
 
 
 def debug_wanted(args: argparse.Namespace) -> bool:
@@ -52,11 +58,11 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
     2 for a user's mistake, 3 for a diverged training run, 1 otherwise."""
     try:
         return handler(args)
-    except TrainingDiverged as error:
-        return _one_line(args, error, 3)
     except distributed.DistributedError as error:  # its message names the rank
         return _one_line(args, error, 1, where="")
     except Exception as error:
+        if diverged(error):
+            return _one_line(args, error, 3)
         if is_user_error(error):
             return _one_line(args, error, 2)
         traceback.print_exc()

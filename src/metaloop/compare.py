@@ -9,10 +9,11 @@ Because the episodes are shared, the difference between two learners is measured
 95% CI comes from the spread of the per-episode differences (:func:`paired_difference`), which
 cancels the variation between easy and hard episodes that two separate intervals both carry.
 
-Learners with a fixed output layer (``hparams["ways"] > 0``: MAML, FOMAML, Meta-SGD, ANIL, Reptile,
-CAVIA, ADML, attention) are tested at their own number of ways only, and are n/a elsewhere. A
-label joins runs into one learner (``maml=runs/maml_5w maml=runs/maml_20w``): one row of the
-tables, each cell tested with the member built for its number of ways.
+Learners with a fixed output layer (those whose ``output_ways`` is a number: MAML, FOMAML,
+Meta-SGD, ANIL, Reptile, CAVIA, ADML, attention) are tested at their own number of ways only,
+and are n/a elsewhere. A label joins runs into one learner
+(``maml=runs/maml_5w maml=runs/maml_20w``): one row of the tables, each cell tested with the
+member built for its number of ways.
 
 :func:`compare` trains (recipes under ``--train``, one budget for all) and evaluates;
 :func:`metaloop.comparison_report.write_comparison_report` writes ``comparison.json``,
@@ -37,8 +38,9 @@ from metaloop.config import Config, config_from_dict, load_config
 from metaloop.data.base import ClassImages
 from metaloop.data.transform import check_same_input, checkpoint_transform
 from metaloop.evaluate import confidence_interval, episode_metrics
+from metaloop.learners import learner_class, learner_from_checkpoint
 from metaloop.tasks.episodes import EpisodeSampler
-from metaloop.train import TaskSource, config_of_run, learner_from_checkpoint, run
+from metaloop.tasks.source import TaskSource
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -241,10 +243,10 @@ def plan_cells(dataset: ClassImages, ways: Sequence[int], shots: Sequence[int], 
     return cells
 
 
-def fixed_ways(hparams: dict[str, Any]) -> int | None:
-    """The number of ways a learner's output layer is built for, or None when it takes any."""
-    ways = hparams.get("ways")
-    return int(ways) if ways else None
+def fixed_ways(state: dict[str, Any]) -> int | None:
+    """The number of ways the output layer of a checkpoint's learner is built for, or None when it
+    takes any (as the learner declares, :meth:`metaloop.algorithms.base.MetaLearner.output_ways`)."""
+    return learner_class(state["algorithm"]).output_ways(state["hparams"])
 
 
 def check_labels(found: Sequence[Contender], cells: Sequence[Cell]) -> None:
@@ -258,7 +260,7 @@ def check_labels(found: Sequence[Contender], cells: Sequence[Cell]) -> None:
             continue
         claimed: dict[Cell, str] = {}
         for c in members:
-            ways = fixed_ways(load_checkpoint(c.run_dir / "best.pt")["hparams"])
+            ways = fixed_ways(load_checkpoint(c.run_dir / "best.pt"))
             for cell in cells:
                 if ways is not None and cell.ways != ways:
                     continue
@@ -286,6 +288,8 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def train_contender(c: Contender, progress: bool) -> None:
     """Train a recipe into ``c.run_dir``. A finished run of the same configuration there is kept (so a
     second comparison reuses it), an interrupted one is resumed; any other run there is an error."""
+    from metaloop.train import config_of_run, run  # the trainer only where a comparison trains
+
     if not (c.run_dir / "last.pt").is_file():
         run(c.config, progress=progress)
         return
@@ -358,7 +362,7 @@ def episode_values(
     test_data = source.dataset(source.config.data.test_split).transform
     check_same_input(checkpoint_transform(best), test_data, c.name)
     learner = learner_from_checkpoint(best).to(device)
-    own_ways = fixed_ways(best["hparams"])
+    own_ways = learner.fixed_ways
     values = {}
     for cell in cells:
         if own_ways is not None and cell.ways != own_ways:

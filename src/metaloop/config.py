@@ -25,7 +25,12 @@ class AlgorithmConfig:
     """
 
     name: str = "protonet"  # see metaloop.algorithms.LEARNERS (metaloop train --help lists them)
-    backbone: str | None = None  # conv4 (images) | mlp (regression), gradient-based learners
+    backbone: str | None = None  # conv4 | resnet12 (images) | mlp (regression) | package.module:factory
+    backbone_args: dict | None = None  # keyword arguments of the backbone (a factory's, or resnet12's)
+    backbone_weights: str | None = (
+        None  # a state dict (torch.save(net.state_dict())) loaded into the backbone
+    )
+    freeze_backbone: bool | None = None  # keep backbone_weights fixed while meta-training
     hidden: int | None = None  # filters per Conv-4 layer (64) or MLP width (40)
     inner_lr: float | None = None  # α
     inner_steps: int | None = None  # inner SGD steps while meta-training
@@ -40,7 +45,7 @@ class AlgorithmConfig:
     attack: str | None = None  # ADML: fgsm | pgd, how its adversarial support and query images are made
     epsilon: float | None = None  # ADML: L-infinity radius of that attack, pixel units of [0, 1] images
     attack_steps: int | None = None  # ADML with attack: pgd, the attack's steps
-    head: str | None = None  # transfer baseline: linear (Baseline) | cosine (Baseline++)
+    head: str | None = None  # baseline: linear (Baseline) | cosine (Baseline++); anil: the head submodule
     scale: float | None = None  # cosine head: logits = scale * cosine similarity
     finetune_steps: int | None = None  # transfer baseline: Adam steps fitting each task's head
     finetune_lr: float | None = None

@@ -16,9 +16,11 @@ from tqdm.auto import tqdm
 
 from metaloop import distributed
 from metaloop.algorithms.base import MetaLearner
+from metaloop.config import Config
 from metaloop.tasks.episodes import EpisodeSampler, TaskBatch
 from metaloop.tasks.heterogeneous import MixedEpisodeSampler, TaskGroups, Tasks
 from metaloop.tasks.sinusoid import SinusoidTasks
+from metaloop.tasks.source import TaskSource
 
 Sampler = EpisodeSampler | MixedEpisodeSampler | SinusoidTasks
 
@@ -167,3 +169,11 @@ def evaluate(
     mean, ci95, std = confidence_interval(values)
     metric = "mse" if sampler.ways == 0 else "accuracy"
     return EvalResult(mean, ci95, std, episodes, sampler.ways, sampler.shots, sampler.queries, metric)
+
+
+def test_learner(config: Config, learner: MetaLearner, progress: bool = True) -> EvalResult:
+    """Meta-test ``learner`` on ``config.eval`` episodes of the test split."""
+    ev = config.eval
+    sampler = TaskSource(config).sampler(config.data.test_split, ev.ways, ev.shots, ev.queries, seed=ev.seed)
+    device = distributed.local_device(config.device)
+    return evaluate(learner, sampler, ev.episodes, ev.batch_size, device, progress)

@@ -39,7 +39,7 @@ from metaloop.checkpoint import load_checkpoint
 from metaloop.data.folder import IMAGE_EXTENSIONS, list_image_folder
 from metaloop.data.transform import InputTransform, checkpoint_transform, statistics_warning
 from metaloop.fileio import atomic_write_bytes
-from metaloop.train import learner_from_checkpoint
+from metaloop.learners import learner_from_checkpoint
 
 
 class InputStatisticsWarning(UserWarning):
@@ -102,8 +102,7 @@ class FewShotPredictor:
     @property
     def max_ways(self) -> int | None:
         """The most classes a support set can have (learners with a fixed output layer), else None."""
-        ways = self.learner.hparams.get("ways")
-        return int(ways) if ways else None
+        return self.learner.fixed_ways
 
     def load_images(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
         """float ``[N, C, S, S]`` on the model's device, converted as the training images were."""
@@ -177,9 +176,9 @@ class FewShotPredictor:
 
 def check_classifier(learner: MetaLearner) -> MetaLearner:
     """``learner``, if it classifies; ``ValueError`` for a regression model."""
-    if learner.hparams.get("ways") == 0:
+    if learner.task_type != "classification":
         raise ValueError(
-            f"this {learner.name} model is a regression model (backbone mlp, e.g. sinusoid tasks); "
+            f"this {learner.name} model is a {learner.task_type} model (e.g. sinusoid tasks); "
             "predict is for image classifiers. Evaluate it with 'metaloop eval' instead"
         )
     return learner

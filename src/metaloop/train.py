@@ -13,8 +13,6 @@ and train as one process would on the whole meta-batch; only rank 0 writes the r
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -28,160 +26,19 @@ import torch
 from tqdm.auto import tqdm
 
 from metaloop import distributed
-from metaloop.algorithms import LEARNERS, build_learner
-from metaloop.algorithms.base import MetaLearner
+from metaloop.algorithms import LEARNERS
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metaloop.config import Config, ConfigError, TrainConfig, config_from_dict, config_to_yaml
-from metaloop.data import load_dataset
-from metaloop.data.base import ClassImages
 from metaloop.data.transform import training_record
-from metaloop.evaluate import EvalResult, Sampler, evaluate
+from metaloop.evaluate import EvalResult, Sampler, evaluate, test_learner
 from metaloop.fileio import atomic_link, atomic_write_bytes
+from metaloop.learners import learner_from_checkpoint, learner_from_config
 from metaloop.metric_files import MetricsCsv, TensorBoardLog, check_tensorboard
-from metaloop.tasks.episodes import EpisodeSampler
-from metaloop.tasks.heterogeneous import MixedEpisodeSampler, mean_over_tasks
-from metaloop.tasks.sinusoid import SinusoidTasks
+from metaloop.tasks.heterogeneous import mean_over_tasks
+from metaloop.tasks.source import TaskSource
 
 log = logging.getLogger(__name__)  # "run folder: ...", one line per meta-validation (the CLI shows them)
-
-
-class TaskSource:
-    """Task samplers for the splits named in ``config.data``; each dataset split is loaded once.
-
-    ``data.name: sinusoid`` gives regression tasks (:class:`SinusoidTasks`; the split only picks
-    the seed); every other name is a class-grouped image dataset cut into episodes, or a mixture
-    of them joined by ``+`` (``omniglot+glyphs``: each task from one of them, chosen uniformly).
-    With ``train.max_ways``/``train.max_shots``, ``train.augment`` (or a mixture) the training
-    episodes come from a :class:`MixedEpisodeSampler` and may differ in shape from task to task.
-    """
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._datasets: dict[str, list[ClassImages]] = {}
-
-    @property
-    def regression(self) -> bool:
-        return self.config.data.name == "sinusoid"
-
-    @property
-    def names(self) -> list[str]:
-        """The dataset names of ``data.name`` (several for a mixture)."""
-        return self.config.data.name.split("+")
-
-    def datasets(self, split: str) -> list[ClassImages]:
-        """The split of every dataset of ``data.name``."""
-        if split not in self._datasets:
-            data = self.config.data
-            self._datasets[split] = [
-                load_dataset(
-                    name,
-                    split,
-                    image_size=data.image_size,
-                    data_dir=data.data_dir,
-                    seed=self.config.seed,
-                    root=data.root,
-                )
-                for name in self.names
-            ]
-            keep = data.train_classes
-            if split == data.train_split and keep is not None:
-                self._datasets[split] = [self.fewer_classes(d, keep) for d in self._datasets[split]]
-        return self._datasets[split]
-
-    def fewer_classes(self, dataset: ClassImages, keep: int) -> ClassImages:
-        """``keep`` classes of ``dataset`` picked at random (seed ``config.seed``): scarce tasks."""
-        if not 2 <= keep <= dataset.num_classes:
-            raise ConfigError(
-                f"data.train_classes must be between 2 and the {dataset.num_classes} classes of "
-                f"{dataset.name}, got {keep}"
-            )
-        generator = torch.Generator().manual_seed(self.config.seed)
-        picked = torch.randperm(dataset.num_classes, generator=generator)[:keep].sort().values
-        return dataset.subset(picked.tolist(), name=f"{dataset.name}[{keep} classes]")
-
-    def dataset(self, split: str) -> ClassImages:
-        """The split of the first (or only) dataset."""
-        return self.datasets(split)[0]
-
-    def num_classes(self, split: str) -> int:
-        """Classes of ``split`` over the whole mixture."""
-        return sum(d.num_classes for d in self.datasets(split))
-
-    def sampler(
-        self,
-        split: str,
-        ways: int,
-        shots: int,
-        queries: int,
-        seed: int,
-        max_ways: int | None = None,
-        max_shots: int | None = None,
-        augment: str = "none",
-    ) -> Sampler:
-        if self.regression:
-            return SinusoidTasks(shots, queries, seed)
-        varied = (max_ways or ways) != ways or (max_shots or shots) != shots or augment != "none"
-        if len(self.names) > 1 or varied:
-            return MixedEpisodeSampler(
-                self.datasets(split), ways, shots, queries, seed, max_ways, max_shots, augment
-            )
-        return EpisodeSampler(self.dataset(split), ways, shots, queries, seed)
-
-    def input_channels(self) -> int:
-        return 1 if self.regression else self.dataset(self.config.data.train_split).image_shape[0]
-
-
-def learner_from_config(config: Config, tasks: TaskSource) -> MetaLearner:
-    """A freshly initialised learner, seeded by ``config.seed``.
-
-    Passes every ``algorithm`` key that is set, plus, where the learner takes them,
-    ``in_channels``, ``image_size`` (``data.image_size``), ``num_classes`` (classes of the
-    meta-train split) and (classification) ``ways`` = the most ways a training task can have
-    (``train.max_ways`` or ``train.ways``) or (regression) ``ways = 0``.
-    """
-    algorithm = config.algorithm
-    if algorithm.name not in LEARNERS:
-        raise ConfigError(f"unknown algorithm {algorithm.name!r}; available: {', '.join(sorted(LEARNERS))}")
-    accepted = inspect.signature(LEARNERS[algorithm.name]).parameters
-    hparams = {k: v for k, v in dataclasses.asdict(algorithm).items() if k != "name" and v is not None}
-    unused = sorted(set(hparams) - set(accepted))
-    if unused:
-        raise ConfigError(
-            f"algorithm {algorithm.name!r} takes no {', '.join('algorithm.' + k for k in unused)}; "
-            f"its hyper-parameters: {', '.join(accepted)}"
-        )
-    regression = config.data.name == "sinusoid"
-    if "backbone" in accepted and "backbone" not in hparams:
-        hparams["backbone"] = "mlp" if regression else "conv4"
-    if "in_channels" in accepted:
-        hparams["in_channels"] = tasks.input_channels()
-    if "image_size" in accepted:
-        hparams["image_size"] = config.data.image_size
-    if "num_classes" in accepted:
-        hparams["num_classes"] = tasks.num_classes(config.data.train_split)
-    if "ways" in accepted:
-        most = max(config.train.ways, config.train.max_ways or 0)
-        hparams["ways"] = 0 if regression else most
-        if not regression and config.eval.ways > most:
-            raise ConfigError(
-                f"{algorithm.name} has a {most}-way output layer (the most ways of a training task), so "
-                f"eval.ways must be at most {most}, got {config.eval.ways}"
-            )
-    torch.manual_seed(config.seed)
-    return build_learner(algorithm.name, **hparams)
-
-
-def learner_from_checkpoint(state: dict[str, Any]) -> MetaLearner:
-    """Rebuild the learner a checkpoint was saved from, with its weights."""
-    learner = build_learner(state["algorithm"], **state["hparams"])
-    try:
-        learner.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint weights do not fit a {state['algorithm']} learner: {error}"
-        ) from error
-    return learner
 
 
 NONFINITE_ACTIONS = ("stop", "skip", "lower_lr")
@@ -260,6 +117,12 @@ class Trainer:
         )
         self.validate_sampler()  # constructing it checks the episode shape before any training happens
         self.learner = learner_from_config(config, self.tasks).to(self.device)
+        if not any(p.requires_grad for p in self.learner.parameters()):
+            raise ConfigError(
+                f"{self.learner.name} has no parameter left to meta-train (algorithm.freeze_backbone fixes "
+                "its whole network); to use the pretrained network as it is, write a checkpoint with "
+                "'metaloop export' and evaluate that"
+            )
         if t.precision == "bf16" and not self.learner.bf16_safe:
             safe = ", ".join(sorted(name for name, cls in LEARNERS.items() if cls.bf16_safe))
             raise ConfigError(
@@ -591,14 +454,6 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     of size α amplifies bf16 rounding.
     """
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def test_learner(config: Config, learner: MetaLearner, progress: bool = True) -> EvalResult:
-    """Meta-test ``learner`` on ``config.eval`` episodes of the test split."""
-    ev = config.eval
-    sampler = TaskSource(config).sampler(config.data.test_split, ev.ways, ev.shots, ev.queries, seed=ev.seed)
-    device = distributed.local_device(config.device)
-    return evaluate(learner, sampler, ev.episodes, ev.batch_size, device, progress)
 
 
 def check_world(config: Config) -> None:

@@ -95,7 +95,7 @@ def load(name: str) -> MetaLearner:
     """The learner of zoo model ``name`` (``"siamese-omniglot-5w1s"`` or ``"zoo:..."``), in eval mode, on
     the CPU."""
     from metaloop.checkpoint import load_checkpoint
-    from metaloop.train import learner_from_checkpoint
+    from metaloop.learners import learner_from_checkpoint
 
     learner = learner_from_checkpoint(load_checkpoint(run_folder(name) / "best.pt"))
     return learner.eval()

@@ -28,8 +28,10 @@ from reference import conv_net, meta_gradient, sgd_steps, task_loss
 from metaloop.algorithms import ADML, build_learner
 from metaloop.checkpoint import load_checkpoint, save_checkpoint
 from metaloop.config import ConfigError, load_config
+from metaloop.learners import learner_from_checkpoint, learner_from_config
 from metaloop.tasks import EpisodeSampler
-from metaloop.train import TaskSource, learner_from_checkpoint, learner_from_config, run
+from metaloop.tasks.source import TaskSource
+from metaloop.train import run
 
 
 def reference_fgsm(params, x, y, epsilon):
@@ -157,7 +159,7 @@ def test_config_keys_reach_the_learner_and_are_refused_elsewhere(image_folder):
 @pytest.mark.parametrize(
     "hparams, message",
     [
-        ({"backbone": "mlp"}, "adml attacks images in \\[0, 1\\] and needs backbone 'conv4'"),
+        ({"backbone": "mlp"}, "adml attacks images in \\[0, 1\\] and needs an image classifier"),
         ({"attack": "cw"}, "unknown attack 'cw'; use one of fgsm, pgd"),
         ({"epsilon": 0.0}, "epsilon must be in \\(0, 1\\]"),
         ({"attack": "pgd", "attack_steps": 0}, "at least 1 step"),

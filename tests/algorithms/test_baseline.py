@@ -9,9 +9,10 @@ from metaloop.algorithms import TransferBaseline
 from metaloop.algorithms.baseline import head_logits
 from metaloop.checkpoint import load_checkpoint
 from metaloop.config import load_config
+from metaloop.evaluate import test_learner as meta_test
+from metaloop.learners import learner_from_checkpoint
 from metaloop.tasks import EpisodeSampler
-from metaloop.train import learner_from_checkpoint, run
-from metaloop.train import test_learner as meta_test
+from metaloop.train import run
 
 
 def small(head: str = "linear", **extra) -> TransferBaseline:

@@ -9,9 +9,10 @@ from metaloop.algorithms import Siamese
 from metaloop.algorithms.siamese import episode_pairs
 from metaloop.checkpoint import load_checkpoint
 from metaloop.config import load_config
+from metaloop.evaluate import test_learner as meta_test
+from metaloop.learners import learner_from_checkpoint
 from metaloop.tasks import EpisodeSampler
-from metaloop.train import learner_from_checkpoint, run
-from metaloop.train import test_learner as meta_test
+from metaloop.train import run
 
 
 @pytest.mark.parametrize("ways, shots, queries", [(2, 1, 1), (5, 1, 3), (5, 2, 5), (20, 1, 1)])

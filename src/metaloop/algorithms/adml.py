@@ -8,8 +8,10 @@ support examples on clean queries (the paper's Algorithm 1).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
+from metaloop.algorithms.gradient_based import map_tasks
 from metaloop.algorithms.maml import MAML
 from metaloop.attacks import check_attack, perturb
 from metaloop.tasks.episodes import TaskBatch
@@ -41,12 +43,13 @@ class ADML(MAML):
 
     Second order like :class:`MAML` (``first_order=True`` cuts the inner gradients). Test time
     (``predict`` / ``adapt``) is MAML's: ``eval_inner_steps`` steps on the clean support set.
-    Images must lie in [0, 1] (the attack clips to that range), so only the ``conv4`` backbone is
-    accepted.
+    Images must lie in [0, 1] (the attack clips to that range), so only image classifiers are
+    accepted (conv4, resnet12 or a user's network).
 
     Args:
         backbone, in_channels, hidden, ways, inner_lr, inner_steps, eval_inner_steps, first_order,
-            strategy: as for :class:`MAML` (α = ``inner_lr``, default 0.4 as MAML's Omniglot value).
+            strategy, backbone_args: as for :class:`MAML` (α = ``inner_lr``, default 0.4 as MAML's
+            Omniglot value).
         attack: ``"fgsm"`` (default; the paper makes its adversarial samples with FGSM) or ``"pgd"``.
         epsilon: ε, the L∞ radius in pixel units of [0, 1] images (default 0.1: our choice for
             Omniglot's binary strokes; the paper's experiments are on MiniImageNet and CIFAR100).
@@ -62,11 +65,13 @@ class ADML(MAML):
     """
 
     name = "adml"
+    task_types = ("classification",)
+    config_keys = (*MAML.config_keys, "attack", "epsilon", "attack_steps")
     bf16_safe = False  # like MAML: bf16/fp32 meta-gradient cosine about 0.91 (tests/test_amp.py)
 
     def __init__(
         self,
-        backbone: str = "conv4",
+        backbone: nn.Module | str = "conv4",
         in_channels: int = 1,
         hidden: int | None = None,
         ways: int | None = None,
@@ -78,11 +83,12 @@ class ADML(MAML):
         attack: str = "fgsm",
         epsilon: float = 0.1,
         attack_steps: int = 10,
+        backbone_args: dict | None = None,
     ) -> None:
-        if backbone != "conv4":
+        if backbone == "mlp" or ways == 0:
             raise ValueError(
-                f"adml attacks images in [0, 1] and needs backbone 'conv4', got {backbone!r} "
-                "(for regression use maml)"
+                "adml attacks images in [0, 1] and needs an image classifier (conv4, resnet12 or your "
+                "network), not regression (for regression use maml)"
             )
         check_attack(attack, epsilon, attack_steps)
         super().__init__(
@@ -95,6 +101,7 @@ class ADML(MAML):
             eval_inner_steps,
             first_order,
             strategy,
+            backbone_args,
         )
         self.hparams.update(attack=attack, epsilon=epsilon, attack_steps=attack_steps)
 
@@ -104,9 +111,12 @@ class ADML(MAML):
         tasks, n = y.shape
         frozen = {name: p.detach() for name, p in self.net.named_parameters()}
 
+        def one_task(images: torch.Tensor) -> torch.Tensor:  # [(T,) n, C, H, W] -> [(T,) n, W]
+            return functional_call(self.net, frozen, (images,))
+
         def logits_fn(images: torch.Tensor) -> torch.Tensor:  # [T*n, C, H, W] -> [T*n, W]
             per_task = images.view(tasks, n, *images.shape[1:])  # [T, n, C, H, W]
-            return functional_call(self.net, frozen, (per_task,)).flatten(0, 1)
+            return map_tasks(one_task, per_task, "batched" if self.functional else "loop").flatten(0, 1)
 
         h = self.hparams
         attack, epsilon, steps = str(h["attack"]), float(h["epsilon"]), int(h["attack_steps"])

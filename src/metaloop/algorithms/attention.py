@@ -24,14 +24,19 @@ as training made the network label-symmetric (random labels per episode push it 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaloop.algorithms.base import most_ways
 from metaloop.algorithms.embedding import EmbeddingReader
-from metaloop.algorithms.protonet import encode_tasks
-from metaloop.nn.conv4 import Conv4
+from metaloop.config import Config
+from metaloop.nn.backbones import embedding_backbone, embedding_size
+from metaloop.nn.task_norm import encode_tasks
 from metaloop.tasks.episodes import TaskBatch
+from metaloop.tasks.source import TaskSource
 
 
 def support_query_mask(n_support: int, n_query: int, device: torch.device) -> torch.Tensor:
@@ -62,6 +67,8 @@ class AttentiveLearner(EmbeddingReader):
     """Model-based learner: a Transformer reads (embedding, label) support tokens, answers queries.
 
     Args:
+        backbone: the embedding f_ω, images ``[B, C, H, W]`` -> ``[B, D]``: a module, ``"conv4"``,
+            ``"resnet12"`` or an import path (see :class:`ProtoNet`).
         in_channels: image channels (1 for Omniglot).
         image_size: height = width of the images; fixes the embedding size D.
         hidden: filters per Conv-4 layer (64).
@@ -70,6 +77,7 @@ class AttentiveLearner(EmbeddingReader):
         d_model: width of the tokens (128).
         layers: Transformer encoder layers (2).
         heads: attention heads per layer (4).
+        backbone_args: keyword arguments of the backbone's factory (or of ``"resnet12"``).
 
     Example:
         >>> learner = AttentiveLearner(in_channels=1, image_size=28, ways=5)
@@ -79,9 +87,25 @@ class AttentiveLearner(EmbeddingReader):
 
     name = "attention"
     bf16_safe = True
+    config_keys = ("backbone", "backbone_args", "hidden", "d_model", "layers", "heads")
+
+    @classmethod
+    def data_hparams(cls, config: Config, tasks: TaskSource) -> dict[str, Any]:
+        """Image channels and size, and W = the most ways of a training task."""
+        return {
+            "in_channels": tasks.input_channels(),
+            "image_size": config.data.image_size,
+            "ways": most_ways(config, cls.name),
+        }
+
+    @classmethod
+    def output_ways(cls, hparams: dict[str, Any]) -> int | None:
+        """W: its label inputs and output layer are built for W ways."""
+        return int(hparams["ways"])
 
     def __init__(
         self,
+        backbone: nn.Module | str = "conv4",
         in_channels: int = 1,
         image_size: int = 28,
         hidden: int = 64,
@@ -89,10 +113,14 @@ class AttentiveLearner(EmbeddingReader):
         d_model: int = 128,
         layers: int = 2,
         heads: int = 4,
+        backbone_args: dict | None = None,
     ) -> None:
         if ways < 2 or d_model % heads:
             raise ValueError(f"need ways >= 2 and d_model divisible by heads, got {ways}, {d_model}, {heads}")
+        encoder, spec = embedding_backbone(backbone, in_channels, hidden, backbone_args)
+        dim = embedding_size(encoder, (in_channels, image_size, image_size))
         super().__init__(
+            backbone=spec,
             in_channels=in_channels,
             image_size=image_size,
             hidden=hidden,
@@ -100,9 +128,9 @@ class AttentiveLearner(EmbeddingReader):
             d_model=d_model,
             layers=layers,
             heads=heads,
+            backbone_args=backbone_args,
         )
-        self.encoder = Conv4(in_channels, hidden)
-        dim = self.encoder.embedding_dim((in_channels, image_size, image_size))
+        self.encoder = encoder
         self.token = nn.Linear(dim + ways, d_model)
         layer = nn.TransformerEncoderLayer(
             d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True, norm_first=True

@@ -1,17 +1,40 @@
 """What a meta-learner is: a module that turns a task batch into a meta-training loss,
-and a support set into a predictor for queries."""
+and a support set into a predictor for queries; and what it declares about itself (task type,
+fixed output ways, adaptation by gradient steps, bf16 safety, how a recipe builds it), so that
+training, comparison, prediction and the command line never guess it from signatures or keys."""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from metaloop.config import Config, ConfigError
+from metaloop.nn.backbones import describe, load_weights, probe
 from metaloop.tasks.episodes import TaskBatch
+from metaloop.tasks.source import TaskSource
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+# algorithm.* keys that act on the built learner (its network's weights and training) rather than
+# being hyper-parameters recorded in checkpoints; see MetaLearner.from_config
+RECIPE_ACTIONS = ("backbone_weights", "freeze_backbone")
+
+
+def most_ways(config: Config, learner: str) -> int:
+    """The most ways of a training task (``train.max_ways`` or ``train.ways``), which fixes an output
+    layer; raises :class:`ConfigError` if ``eval.ways`` asks for more."""
+    most = max(config.train.ways, config.train.max_ways or 0)
+    if config.eval.ways > most:
+        raise ConfigError(
+            f"{learner} has a {most}-way output layer (the most ways of a training task), so "
+            f"eval.ways must be at most {most}, got {config.eval.ways}"
+        )
+    return most
 
 
 class MetaLearner(nn.Module, ABC):
@@ -21,18 +44,128 @@ class MetaLearner(nn.Module, ABC):
     :meth:`predict` has a per-task default that batched learners override.
     The constructor arguments a learner needs are recorded in ``self.hparams`` so that a
     checkpoint can rebuild it.
+
+    What a learner declares (class attributes unless noted):
+
+    - ``task_types``: the task types it can learn, ``"classification"`` and/or ``"regression"``;
+      the instance's :attr:`task_type` is the one it was built for.
+    - :meth:`output_ways`: the number of ways its output layer is built for, or None when it
+      takes tasks of any number of ways (instance: :attr:`fixed_ways`).
+    - ``adapts_by_gradient``: it adapts to a task by gradient steps (``eval_inner_steps`` of them).
+    - ``bf16_safe``: ``train.precision=bf16`` may be used.
+    - ``config_keys``: the ``algorithm.*`` keys a recipe may set; :meth:`from_config` builds it.
+    - ``backbone_attribute``: the submodule that is its network (``backbone_weights`` load into it).
     """
 
     name: str = "learner"
+    task_types: ClassVar[tuple[str, ...]] = ("classification",)
+    adapts_by_gradient: ClassVar[bool] = False
     # Whether train.precision=bf16 may be used: its bfloat16 meta-gradient points the way the float32
     # one does (cosine >= 0.96 on each of several seeded 5-way 1-shot batches, with margin on every CPU
     # kernel measured), checked for every learner in tests/test_amp.py.
     bf16_safe: bool = False
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    backbone_attribute: ClassVar[str] = "encoder"
 
     def __init__(self, **hparams: object) -> None:
         super().__init__()
-        self.hparams = dict(hparams)
+        # a built-in backbone without arguments records none (as checkpoints before backbone_args did)
+        self.hparams = {k: v for k, v in hparams.items() if not (k == "backbone_args" and v is None)}
+        self.backbone_frozen = False
 
+    # ----- declarations ---------------------------------------------------------------------------
+    @property
+    def task_type(self) -> str:
+        """``"classification"`` or ``"regression"``: what this learner was built for."""
+        return self.task_types[0]
+
+    @classmethod
+    def output_ways(cls, hparams: dict[str, Any]) -> int | None:
+        """The ways of the output layer of a learner with these ``hparams``, or None (any ways)."""
+        return None
+
+    @property
+    def fixed_ways(self) -> int | None:
+        """See :meth:`output_ways`."""
+        return type(self).output_ways(self.hparams)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the images it was built for (every learner records ``in_channels``)."""
+        return int(self.hparams["in_channels"])
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The learner's network (its embedding, or the whole network of an optimisation-based learner)."""
+        return getattr(self, self.backbone_attribute)
+
+    # ----- building from a recipe -----------------------------------------------------------------
+    @classmethod
+    def data_hparams(cls, config: Config, tasks: TaskSource) -> dict[str, Any]:
+        """Hyper-parameters the data fixes rather than the recipe (default: the image channels)."""
+        return {"in_channels": tasks.input_channels()}
+
+    @classmethod
+    def from_config(cls, config: Config, tasks: TaskSource) -> MetaLearner:
+        """A freshly initialised learner for ``config`` (seeded by ``config.seed``).
+
+        Takes the ``algorithm`` keys that are set (each must be one of ``config_keys``) and
+        :meth:`data_hparams`; then loads ``algorithm.backbone_weights`` into the network, freezes it
+        if ``algorithm.freeze_backbone``, and checks its output on one input of the data's shape.
+        """
+        algorithm = config.algorithm
+        hparams = {
+            k: v
+            for k, v in dataclasses.asdict(algorithm).items()
+            if k != "name" and k not in RECIPE_ACTIONS and v is not None
+        }
+        unused = sorted(set(hparams) - set(cls.config_keys))
+        if unused:
+            raise ConfigError(
+                f"algorithm {cls.name!r} takes no {', '.join('algorithm.' + k for k in unused)}; "
+                f"its hyper-parameters: {', '.join(cls.config_keys)}"
+            )
+        if algorithm.freeze_backbone and not algorithm.backbone_weights:
+            raise ConfigError(
+                "algorithm.freeze_backbone keeps pretrained weights fixed: set algorithm.backbone_weights too"
+            )
+        hparams.update(cls.data_hparams(config, tasks))
+        torch.manual_seed(config.seed)
+        learner = cls(**hparams)
+        if algorithm.backbone_weights:
+            load_weights(learner.backbone, algorithm.backbone_weights)
+        if algorithm.freeze_backbone:
+            learner.freeze_backbone()
+        learner.check_network(tasks.input_shape())
+        return learner
+
+    def check_network(self, input_shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` (naming the expected and actual shapes) unless the network maps two
+        inputs of ``input_shape`` to embeddings ``[2, D]``. Runs in eval mode, changes nothing."""
+        out = probe(self.backbone, self.backbone, input_shape)
+        if out.dim() != 2:
+            raise ValueError(
+                f"backbone {describe(self.hparams.get('backbone', self.backbone))} maps inputs "
+                f"[2, {', '.join(map(str, input_shape))}] to {list(out.shape)}; {self.name} needs embeddings "
+                "[2, D] (flatten the features in the network's forward)"
+            )
+
+    # ----- pretrained networks --------------------------------------------------------------------
+    def freeze_backbone(self) -> None:
+        """Keep the network's (pretrained) weights and batch-norm statistics fixed while meta-training:
+        its parameters stop requiring gradients and it stays in eval mode."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MetaLearner:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    # ----- learning ---------------------------------------------------------------------------------
     @abstractmethod
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Outer-loop loss averaged over the tasks of ``batch``, and metrics to log

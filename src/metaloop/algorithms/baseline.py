@@ -27,6 +27,7 @@ batched problem gives exactly the per-task result.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,12 @@ from torch import nn
 from torch.func import functional_call
 
 from metaloop.algorithms.base import MetaLearner, Predictor
-from metaloop.algorithms.protonet import encode_tasks, prototypes
-from metaloop.nn.conv4 import Conv4
+from metaloop.algorithms.protonet import prototypes
+from metaloop.config import Config
+from metaloop.nn.backbones import embedding_backbone, embedding_size
+from metaloop.nn.task_norm import encode_tasks
 from metaloop.tasks.episodes import TaskBatch
+from metaloop.tasks.source import TaskSource
 
 HEADS = ("linear", "cosine")
 
@@ -55,6 +59,8 @@ class TransferBaseline(MetaLearner):
     """Pretrain-then-fine-tune baseline ("Baseline" / "Baseline++", Chen et al. 2019).
 
     Args:
+        backbone: the embedding, images ``[B, C, H, W]`` -> ``[B, D]``: a module (e.g. one pretrained
+            elsewhere), ``"conv4"``, ``"resnet12"`` or an import path (see :class:`ProtoNet`).
         in_channels: image channels (1 for Omniglot).
         image_size: height = width of the images (28 for Omniglot); fixes the embedding size.
         hidden: filters per Conv-4 layer (64).
@@ -64,6 +70,7 @@ class TransferBaseline(MetaLearner):
         finetune_steps: Adam steps fitting each task's head (100, as Chen et al.).
         finetune_lr: their step size (0.01).
         finetune_backbone: fine-tune the embedding with the head, per task (slower).
+        backbone_args: keyword arguments of the backbone's factory (or of ``"resnet12"``).
 
     Example:
         >>> learner = TransferBaseline(in_channels=1, image_size=28, num_classes=4112, head="cosine")
@@ -73,9 +80,29 @@ class TransferBaseline(MetaLearner):
 
     name = "baseline"
     bf16_safe = True
+    config_keys = (
+        "backbone",
+        "backbone_args",
+        "hidden",
+        "head",
+        "scale",
+        "finetune_steps",
+        "finetune_lr",
+        "finetune_backbone",
+    )
+
+    @classmethod
+    def data_hparams(cls, config: Config, tasks: TaskSource) -> dict[str, Any]:
+        """Image channels and size, and C = the classes of the meta-train split."""
+        return {
+            "in_channels": tasks.input_channels(),
+            "image_size": config.data.image_size,
+            "num_classes": tasks.num_classes(config.data.train_split),
+        }
 
     def __init__(
         self,
+        backbone: nn.Module | str = "conv4",
         in_channels: int = 1,
         image_size: int = 28,
         hidden: int = 64,
@@ -85,6 +112,7 @@ class TransferBaseline(MetaLearner):
         finetune_steps: int = 100,
         finetune_lr: float = 0.01,
         finetune_backbone: bool = False,
+        backbone_args: dict | None = None,
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
@@ -92,7 +120,10 @@ class TransferBaseline(MetaLearner):
             raise ValueError(
                 f"num_classes must be >= 2 and finetune_steps >= 1, got {num_classes} and {finetune_steps}"
             )
+        encoder, spec = embedding_backbone(backbone, in_channels, hidden, backbone_args)
+        dim = embedding_size(encoder, (in_channels, image_size, image_size))
         super().__init__(
+            backbone=spec,
             in_channels=in_channels,
             image_size=image_size,
             hidden=hidden,
@@ -102,9 +133,9 @@ class TransferBaseline(MetaLearner):
             finetune_steps=finetune_steps,
             finetune_lr=finetune_lr,
             finetune_backbone=finetune_backbone,
+            backbone_args=backbone_args,
         )
-        self.encoder = Conv4(in_channels, hidden)
-        dim = self.encoder.embedding_dim((in_channels, image_size, image_size))
+        self.encoder = encoder
         self.classifier = nn.Linear(dim, num_classes, bias=head == "linear")
 
     def class_logits(self, z: torch.Tensor) -> torch.Tensor:

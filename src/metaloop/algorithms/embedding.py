@@ -1,6 +1,7 @@
 """What the learners that read a task from embeddings share (the Siamese net, the attention
-learner): a Conv-4 embedding of every image, then a head ``forward(support_z, support_y, query_z,
-ways)`` that turns the embedded task into query logits, with no gradient step at test time."""
+learner): an embedding of every image (a Conv-4, ResNet-12 or any module), then a head
+``forward(support_z, support_y, query_z, ways)`` that turns the embedded task into query logits,
+with no gradient step at test time."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from metaloop.tasks.episodes import TaskBatch
 
 
 class EmbeddingReader(MetaLearner):
-    """Base class: subclasses set ``self.encoder`` (a Conv-4) and define :meth:`forward`."""
+    """Base class: subclasses set ``self.encoder`` (images ``[B, C, H, W]`` -> ``[B, D]``) and define
+    :meth:`forward`."""
 
     encoder: torch.nn.Module
 

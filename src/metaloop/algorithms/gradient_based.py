@@ -1,23 +1,34 @@
 """What the optimisation-based learners (MAML and its family, Reptile, CAVIA) share: the
-backbone chosen by name, the task type it implies, the per-task loss and metrics, and
-test-time adaptation (``predict`` / ``adapt``) through :class:`metaloop.inner.InnerLoop`.
+network (built in, by import path, or any ``nn.Module``), the task type, the per-task loss and
+metrics, and test-time adaptation (``predict`` / ``adapt``) through :class:`metaloop.inner.InnerLoop`.
 
-Backbones: ``"conv4"`` is few-shot classification of images (cross-entropy; metrics ``loss``
-and ``accuracy``; ``ways`` logits), ``"mlp"`` is regression such as sinusoid (mean squared
-error; metrics ``loss`` and ``mse``; one output, ``ways`` = 0).
+Networks: the built-in ``"conv4"`` and ``"resnet12"`` classify images (cross-entropy; metrics
+``loss`` and ``accuracy``; ``ways`` logits), ``"mlp"`` is regression such as sinusoid (mean squared
+error; metrics ``loss`` and ``mse``; one output, ``ways`` = 0). They are functional over tasks
+(per-task parameters, batch norm per task), so every strategy (``loop``, ``vmap``, ``batched``)
+runs them. A user's network (a module, or ``package.module:factory``) classifies (``ways`` > 0, or
+``None``: as many ways as it has outputs) or regresses (``ways = 0``); it runs one task at a time,
+under ``loop`` or ``vmap``. Its batch-norm layers are replaced by per-task batch norm and its layer
+norms by an exact one (:func:`metaloop.nn.task_norm.swap_norms`): ``torch.func.vmap`` over the
+built-in batch and layer norms gives wrong second-order meta-gradients (torch 2.13), and running
+statistics updated in place inside a differentiated inner loop would break its backward pass.
+``vmap`` is refused for a network with other normalisation layers (group, instance norm).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from contextlib import nullcontext
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from metaloop.algorithms.base import MetaLearner, Predictor
+from metaloop.algorithms.base import MetaLearner, Predictor, most_ways
+from metaloop.config import Config
 from metaloop.inner import (
     STRATEGIES,
     Forward,
@@ -29,21 +40,13 @@ from metaloop.inner import (
     detach_step_size,
     mse_per_task,
 )
-from metaloop.nn.maml_conv import MamlConv4
-from metaloop.nn.mlp import MLP
+from metaloop.nn.backbones import BUILTIN, adaptable_backbone, check_backbone_name, object_spec, probe
+from metaloop.nn.task_norm import swap_norms, vmap_refusal
 from metaloop.tasks.episodes import TaskBatch
+from metaloop.tasks.source import TaskSource
 
-BACKBONES = ("conv4", "mlp")
-
-
-def build_backbone(
-    backbone: str, in_channels: int, hidden: int, ways: int, num_context_params: int = 0
-) -> nn.Module:
-    """``"conv4"``: :class:`MamlConv4` with ``ways`` logits; ``"mlp"``: :class:`MLP` with
-    ``in_channels`` inputs and one output."""
-    if backbone == "conv4":
-        return MamlConv4(in_channels, hidden, ways, num_context_params)
-    return MLP(in_channels, hidden, 1, num_context_params=num_context_params)
+# hyper-parameters without a default for some networks: the user must choose them
+REQUIRED = ("inner_lr", "num_context_params")
 
 
 def network_problem(
@@ -76,34 +79,156 @@ class GradientLearner(MetaLearner):
     """Base of learners that adapt by SGD in an inner loop.
 
     Subclasses define :meth:`inner_problem`: what is adapted, how it is applied, with which
-    step size. The default :meth:`meta_loss` is the mean query loss after the inner loop.
-    ``None`` hyperparameters take the backbone's value in :attr:`defaults`; the resolved
-    values are stored in ``hparams`` (plain numbers, strings and booleans).
+    step size, and build ``self.net`` with :meth:`build_network`. The default :meth:`meta_loss` is
+    the mean query loss after the inner loop. ``None`` hyperparameters take the network's value in
+    :attr:`defaults` (``"module"``: a user's network); the resolved values are stored in
+    ``hparams`` (plain numbers, strings and booleans). A network passed in as a module is recorded
+    by its class name only (:func:`metaloop.nn.backbones.object_spec`).
     """
 
-    defaults: ClassVar[dict[str, dict[str, int | float]]] = {
+    task_types = ("classification", "regression")
+    adapts_by_gradient = True
+    backbone_attribute = "net"
+    config_keys = (
+        "backbone",
+        "backbone_args",
+        "hidden",
+        "inner_lr",
+        "inner_steps",
+        "eval_inner_steps",
+        "first_order",
+        "strategy",
+    )
+    unused_hparams: ClassVar[tuple[str, ...]] = ()  # constructor arguments a subclass does not use
+    defaults: ClassVar[dict[str, dict[str, int | float | None]]] = {
         # Finn et al. 2017: Omniglot 5-way α = 0.4, 1 step, 3 at test; sinusoid α = 0.01, 1 step
         "conv4": {"hidden": 64, "ways": 5, "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3},
         "mlp": {"hidden": 40, "ways": 0, "inner_lr": 0.01, "inner_steps": 1, "eval_inner_steps": 10},
+        # no published α for these: inner_lr must be given
+        "resnet12": {"ways": 5, "inner_steps": 1, "eval_inner_steps": 3},
+        "module": {"inner_steps": 1, "eval_inner_steps": 3},
     }
 
     def __init__(self, **hparams: object) -> None:
         backbone = hparams["backbone"]
-        if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r}; use one of {', '.join(BACKBONES)}")
-        if hparams["strategy"] not in ("auto", *STRATEGIES):
+        if isinstance(backbone, nn.Module):
+            hparams["backbone"] = object_spec(backbone)
+        else:
+            check_backbone_name(backbone)
+        functional = hparams["backbone"] in BUILTIN
+        strategy = hparams["strategy"]
+        if strategy not in ("auto", *STRATEGIES):
+            raise ValueError(f"unknown strategy {strategy!r}; use one of auto, {', '.join(STRATEGIES)}")
+        if strategy == "batched" and not functional:
             raise ValueError(
-                f"unknown strategy {hparams['strategy']!r}; use one of auto, {', '.join(STRATEGIES)}"
+                "strategy 'batched' runs the built-in networks (conv4, resnet12, mlp), which take per-task "
+                "parameters; a user's network runs one task at a time: use strategy 'loop' (any network) "
+                "or 'vmap'"
             )
-        defaults = self.defaults[backbone]
+        defaults = self.defaults[hparams["backbone"] if functional else "module"]
+        hparams = {k: v for k, v in hparams.items() if k not in self.unused_hparams}
         resolved = {k: defaults[k] if v is None and k in defaults else v for k, v in hparams.items()}
-        if backbone == "mlp" and resolved.get("ways", 0) != 0:
+        missing = [k for k in REQUIRED if k in resolved and resolved[k] is None]
+        if missing:
+            raise ValueError(
+                f"{self.name} over backbone {hparams['backbone']} has no default {', '.join(missing)}: "
+                f"give {' and '.join(f'{k}=...' for k in missing)} (in a recipe: algorithm.{missing[0]})"
+            )
+        if hparams["backbone"] == "mlp" and resolved.get("ways", 0) != 0:
             raise ValueError(
                 f"backbone 'mlp' is for regression (one output): ways must be 0, got {resolved['ways']}"
             )
         super().__init__(**resolved)
-        self.task_type = "classification" if backbone == "conv4" else "regression"
         self.loss = cross_entropy_per_task if self.task_type == "classification" else mse_per_task
+
+    # ----- what the learner declares --------------------------------------------------------------
+    @property
+    def task_type(self) -> str:
+        """Regression for ``ways = 0`` (the MLP), classification otherwise."""
+        return "regression" if self.hparams["ways"] == 0 else "classification"
+
+    @classmethod
+    def output_ways(cls, hparams: dict[str, Any]) -> int | None:
+        """The ways of the network's output layer (None: regression, or a user's network whose
+        number of outputs was not given)."""
+        ways = hparams.get("ways")
+        return int(ways) if ways else None
+
+    @classmethod
+    def data_hparams(cls, config: Config, tasks: TaskSource) -> dict[str, Any]:
+        """Image channels (1 for regression), ``ways`` = the most ways of a training task (0 for
+        regression) and, when the recipe names none, the backbone: mlp (regression) or conv4."""
+        out: dict[str, Any] = {"in_channels": tasks.input_channels()}
+        out["ways"] = 0 if tasks.regression else most_ways(config, cls.name)
+        if config.algorithm.backbone is None:
+            out["backbone"] = "mlp" if tasks.regression else "conv4"
+        return out
+
+    # ----- the network ----------------------------------------------------------------------------
+    @property
+    def functional(self) -> bool:
+        """Whether the network is a built-in one, functional over tasks (every strategy runs it)."""
+        return self.hparams["backbone"] in BUILTIN
+
+    def build_network(self, backbone: nn.Module | str, num_context_params: int = 0) -> nn.Module:
+        """The network: ``backbone`` itself if a module, else built from ``hparams`` (see
+        :func:`metaloop.nn.backbones.adaptable_backbone`). A user's network gets per-task batch norm
+        (in place; see the module docstring)."""
+        h = self.hparams
+        if isinstance(backbone, nn.Module):
+            network = backbone
+        else:
+            network = adaptable_backbone(
+                backbone,
+                int(h["in_channels"]),
+                h["hidden"],
+                h["ways"],
+                num_context_params,
+                h.get("backbone_args"),
+            )
+        if not self.functional:
+            swap_norms(network)
+            problem = vmap_refusal(network)
+            if problem is not None and self.hparams["strategy"] == "vmap":
+                raise ValueError(
+                    f"strategy 'vmap' is refused for this network: {problem}; use strategy 'loop'"
+                )
+        return network
+
+    def head_names(self) -> list[str]:
+        """Names (in ``self.net``) of the parameters of the network's head, its ``head`` submodule."""
+        head = getattr(self.net, "head", None)
+        if not isinstance(head, nn.Module):
+            raise ValueError(
+                f"this {type(self.net).__name__} network has no submodule 'head': name the output layer "
+                "'head' (or use anil with head=<submodule name>)"
+            )
+        return [f"head.{name}" for name, _ in head.named_parameters()]
+
+    def freeze_backbone(self) -> None:
+        """Keep every parameter outside the head (:meth:`head_names`) at its pretrained value: the outer
+        loop does not change it (the inner loop still adapts what it adapts)."""
+        head = set(self.head_names())
+        for name, p in self.net.named_parameters():
+            if name not in head:
+                p.requires_grad_(False)
+
+    def check_network(self, input_shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` (expected and actual shapes) unless the network maps two inputs of
+        ``input_shape`` to ``[2, ways]`` logits (classification) or ``[2, 1]`` (regression)."""
+        _, params, _ = self.inner_problem(meta=False)
+        out = probe(lambda x: self.forward(params, x), self.net, input_shape)
+        ways = self.fixed_ways
+        expected = [2, 1] if self.task_type == "regression" else [2, ways] if ways else None
+        if (expected is not None and list(out.shape) != expected) or out.dim() != 2:
+            shape = ", ".join(map(str, input_shape))
+            want = f"[2, {ways}] (one logit per way)" if ways else "[2, K]" if expected is None else "[2, 1]"
+            raise ValueError(
+                f"backbone {self.hparams['backbone']} maps inputs [2, {shape}] to {list(out.shape)}, "
+                f"but this {self.name} learner for {f'{ways}-way tasks' if ways else self.task_type} "
+                f"needs {want}; "
+                "change the network's output layer (e.g. through algorithm.backbone_args)"
+            )
 
     # ----- what subclasses define -------------------------------------------------------------
     @abstractmethod
@@ -117,8 +242,13 @@ class GradientLearner(MetaLearner):
 
     # ----- shared machinery ---------------------------------------------------------------------
     def strategy(self, device: torch.device) -> str:
-        """The execution strategy for tasks on ``device`` (``"auto"`` resolved)."""
-        return choose_strategy(str(self.hparams["strategy"]), device, self.hparams["backbone"] == "conv4")
+        """The execution strategy for tasks on ``device`` (``"auto"`` resolved): for the built-in
+        networks the measured best (:func:`metaloop.inner.choose_strategy`); for a user's network
+        ``loop``, the one strategy that is right for every network."""
+        strategy = str(self.hparams["strategy"])
+        if not self.functional:
+            return "loop" if strategy == "auto" else strategy
+        return choose_strategy(strategy, device, self.hparams["backbone"] != "mlp")
 
     def inner_loop(self, meta: bool, device: torch.device) -> InnerLoop:
         """Training: as configured. Test time: first order (no outer gradient is needed)."""
@@ -127,12 +257,14 @@ class GradientLearner(MetaLearner):
 
     def check_batch(self, batch: TaskBatch) -> None:
         """Classification heads of W outputs take tasks of 2..W ways; regression takes ways = 0."""
-        ways = int(self.hparams["ways"])
-        if (batch.ways == 0) != (ways == 0) or batch.ways > ways:
-            kind = f"classification of up to {ways} ways" if ways else "regression (ways = 0)"
+        regression = self.task_type == "regression"
+        ways = self.fixed_ways
+        if (batch.ways == 0) != regression or (ways is not None and batch.ways > ways):
+            kind = f"classification of up to {ways} ways" if ways else self.task_type
+            network = "a network for regression (ways=0)" if batch.ways == 0 else f"ways={batch.ways}"
             raise ValueError(
                 f"this {self.name} learner was built for {kind} but the batch has ways = {batch.ways}; "
-                f"rebuild it with ways={batch.ways} and backbone={'conv4' if batch.ways else 'mlp'!r}"
+                f"rebuild it with {network}"
             )
 
     @staticmethod
@@ -152,11 +284,22 @@ class GradientLearner(MetaLearner):
         forward, params, lr = self.inner_problem(meta)
         if self.task_type == "classification":
             ways = int(support_y.max()) + 1
-            if ways < int(self.hparams["ways"]):
+            if ways < (self.fixed_ways or 0):
                 forward = self.first_outputs(forward, ways)
         inputs_s, inputs_q = self.inner_inputs(support_x), self.inner_inputs(query_x)
         inner = self.inner_loop(meta, support_x.device)
-        return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps)
+        # attention's fused kernels have no second derivative: differentiate through plain operations
+        attention = nullcontext() if inner.first_order else sdpa_kernel(SDPBackend.MATH)
+        try:
+            with attention:
+                return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps)
+        except RuntimeError as error:
+            if inner.strategy != "vmap" or self.functional:
+                raise
+            raise ValueError(
+                f"strategy 'vmap' cannot run this {type(self.net).__name__} network ({error}); "
+                "use strategy 'loop', which runs any network"
+            ) from error
 
     def metrics(self, outputs: torch.Tensor, batch: TaskBatch, loss: torch.Tensor) -> dict[str, float]:
         """``loss`` and ``accuracy`` (classification) or ``mse`` (regression) of query outputs."""

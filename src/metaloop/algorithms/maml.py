@@ -8,13 +8,14 @@ Meta-SGD: Li, Zhou, Chen & Li, arXiv:1707.09835. ANIL: Raghu, Raghu, Bengio & Vi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from metaloop.algorithms.gradient_based import GradientLearner, build_backbone, map_tasks, network_problem
+from metaloop.algorithms.gradient_based import GradientLearner, map_tasks, network_problem
 from metaloop.inner import Forward, Params, StepSize
-from metaloop.nn.functional import head_names
 
 
 class MAML(GradientLearner):
@@ -31,20 +32,26 @@ class MAML(GradientLearner):
     is treated as a constant, so ∂θ_i/∂θ = I.
 
     Args:
-        backbone: ``"conv4"`` (classification of images) or ``"mlp"`` (regression).
-        in_channels: image channels, or input features of the MLP.
+        backbone: the network: any ``nn.Module`` (``[n, ...]`` -> ``[n, ways]`` logits, or ``[n, 1]``
+            with ``ways=0`` for regression), ``"conv4"`` or ``"resnet12"`` (classification of images),
+            ``"mlp"`` (regression), or an import path ``package.module:factory``.
+        in_channels: image channels, or input features of the MLP (built-in networks).
         hidden: filters (conv4, default 64) or units per hidden layer (mlp, default 40).
-        ways: logits of the head (conv4, default 5); 0 for regression.
-        inner_lr: α (default 0.4 for conv4, 0.01 for mlp, as in the paper).
+        ways: logits of the head (conv4 and resnet12, default 5); 0 for regression; for a user's
+            network its number of outputs (None: not checked).
+        inner_lr: α (default 0.4 for conv4, 0.01 for mlp, as in the paper; must be given for
+            resnet12 and user networks).
         inner_steps: K during meta-training (default 1).
         eval_inner_steps: K at test time, in ``predict`` and ``adapt`` (default 3 conv4, 10 mlp).
         first_order: FOMAML.
         strategy: how the tasks of a batch execute: ``"loop"``, ``"vmap"``, ``"batched"`` (the
             same numbers; see :mod:`metaloop.inner`) or ``"auto"``, the measured fastest for
-            the batch's device (loop on CPU, batched on CUDA).
+            the batch's device (loop on CPU, batched on CUDA; loop for a user's network, which
+            ``batched`` cannot run).
+        backbone_args: keyword arguments of the backbone's factory (or of ``"resnet12"``: widths).
 
     Example:
-        >>> learner = MAML(backbone="conv4", in_channels=1, hidden=64, ways=5)
+        >>> learner = MAML(my_network, inner_lr=0.4, ways=5)        # or MAML(backbone="conv4", ...)
         >>> loss, metrics = learner.meta_loss(batch)    # batch: a TaskBatch of 5-way tasks
         >>> loss.backward(); optimizer.step()
         >>> logits = learner.adapt(support_x, support_y)(query_x)   # [N, 5]
@@ -55,7 +62,7 @@ class MAML(GradientLearner):
 
     def __init__(
         self,
-        backbone: str = "conv4",
+        backbone: nn.Module | str = "conv4",
         in_channels: int = 1,
         hidden: int | None = None,
         ways: int | None = None,
@@ -64,6 +71,7 @@ class MAML(GradientLearner):
         eval_inner_steps: int | None = None,
         first_order: bool | None = None,
         strategy: str = "auto",
+        backbone_args: dict | None = None,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -75,9 +83,9 @@ class MAML(GradientLearner):
             eval_inner_steps=eval_inner_steps,
             first_order=self.first_order_default if first_order is None else first_order,
             strategy=strategy,
+            backbone_args=backbone_args,
         )
-        h = self.hparams
-        self.net = build_backbone(backbone, in_channels, h["hidden"], h["ways"])
+        self.net = self.build_network(backbone)
 
     def adapted_names(self) -> list[str]:
         """The parameters adapted in the inner loop: all of them."""
@@ -115,10 +123,17 @@ class MetaSGD(MAML):
     """
 
     name = "metasgd"
+    unused_hparams = ("inner_lr",)
+    config_keys = (
+        *GradientLearner.config_keys[:3],
+        *GradientLearner.config_keys[4:],
+        "alpha_low",
+        "alpha_high",
+    )
 
     def __init__(
         self,
-        backbone: str = "conv4",
+        backbone: nn.Module | str = "conv4",
         in_channels: int = 1,
         hidden: int | None = None,
         ways: int | None = None,
@@ -128,11 +143,20 @@ class MetaSGD(MAML):
         strategy: str = "auto",
         alpha_low: float = 0.005,
         alpha_high: float = 0.1,
+        backbone_args: dict | None = None,
     ) -> None:
         super().__init__(
-            backbone, in_channels, hidden, ways, None, inner_steps, eval_inner_steps, first_order, strategy
+            backbone,
+            in_channels,
+            hidden,
+            ways,
+            None,
+            inner_steps,
+            eval_inner_steps,
+            first_order,
+            strategy,
+            backbone_args,
         )
-        del self.hparams["inner_lr"]
         self.hparams.update(alpha_low=alpha_low, alpha_high=alpha_high)
         self.alpha = nn.ParameterDict(
             {
@@ -160,18 +184,85 @@ class ANIL(MAML):
         θ ← θ − β ∇_θ (1/T) Σ_i L_query_i(θ_body, θ_head,i)
 
     The body gets no inner update; it is learned in the outer loop only, through both the
-    query features and the support features that the head adapted to. Its features are
-    computed once per task (they do not change during adaptation). Same arguments as :class:`MAML`.
+    query features and the support features that the head adapted to. With a built-in network
+    the features are computed once per task (they do not change during adaptation); a user's
+    network runs whole at every inner step (the same numbers, slower).
+
+    Args:
+        head: which parameters form the head: the name of a submodule of the network (default
+            ``"head"``, the built-in networks' output layer) or, in Python, a predicate on parameter
+            names (``lambda name: name.startswith("fc.")``; such a learner cannot be rebuilt from a
+            checkpoint). Other arguments as :class:`MAML`.
     """
 
     name = "anil"
     bf16_safe = True
+    config_keys = (*MAML.config_keys, "head")
+
+    def __init__(
+        self,
+        backbone: nn.Module | str = "conv4",
+        in_channels: int = 1,
+        hidden: int | None = None,
+        ways: int | None = None,
+        inner_lr: float | None = None,
+        inner_steps: int | None = None,
+        eval_inner_steps: int | None = None,
+        first_order: bool | None = None,
+        strategy: str = "auto",
+        backbone_args: dict | None = None,
+        head: str | Callable[[str], bool] = "head",
+    ) -> None:
+        predicate = head if callable(head) else None
+        if isinstance(head, str) and head.startswith("<"):
+            raise ValueError(
+                f"this anil learner's head was a Python predicate ({head[1:-1]}); a checkpoint cannot "
+                "rebuild it: build the learner again with it and load_state_dict(state['model'])"
+            )
+        super().__init__(
+            backbone,
+            in_channels,
+            hidden,
+            ways,
+            inner_lr,
+            inner_steps,
+            eval_inner_steps,
+            first_order,
+            strategy,
+            backbone_args,
+        )
+        self.head_predicate = predicate
+        self.hparams["head"] = (
+            f"<{getattr(head, '__qualname__', type(head).__name__)} predicate>" if predicate else head
+        )
+        if self.functional and head != "head":
+            raise ValueError(
+                f"the built-in {self.hparams['backbone']} network's head is 'head', got {head!r}"
+            )
+        if not self.head_names():
+            raise ValueError(f"anil's head selects no parameter of the {type(self.net).__name__} network")
+
+    def head_names(self) -> list[str]:
+        """The head's parameters: those of the submodule ``head`` names, or those the predicate picks."""
+        if self.head_predicate is not None:
+            return [name for name, _ in self.net.named_parameters() if self.head_predicate(name)]
+        head = str(self.hparams["head"])
+        try:
+            module = self.net.get_submodule(head)
+        except AttributeError as error:
+            raise ValueError(
+                f"anil's head {head!r} is not a submodule of the {type(self.net).__name__} network; "
+                f"its submodules: {', '.join(name for name, _ in self.net.named_children())}"
+            ) from error
+        return [f"{head}.{name}" for name, _ in module.named_parameters()]
 
     def adapted_names(self) -> list[str]:
-        """The head's parameters (see :func:`metaloop.nn.functional.head_names`)."""
-        return head_names(self.net)
+        """The head's parameters (:meth:`head_names`)."""
+        return self.head_names()
 
     def inner_problem(self, meta: bool) -> tuple[Forward, Params, StepSize]:
+        if not self.functional:
+            return super().inner_problem(meta)
         _, params, lr = super().inner_problem(meta)
         params = {name.removeprefix("head."): p for name, p in params.items()}
 
@@ -181,5 +272,7 @@ class ANIL(MAML):
         return forward, params, lr
 
     def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Body features ``[T, n, hidden]`` of inputs ``[T, n, ...]``."""
+        """Body features ``[T, n, hidden]`` of inputs ``[T, n, ...]`` (built-in networks), else ``x``."""
+        if not self.functional:
+            return x
         return map_tasks(self.net.features, x, self.strategy(x.device))

@@ -6,13 +6,14 @@ over negative squared Euclidean distances, p(y = k | x) ∝ exp(-||f_ω(x) - c_k
 The outer loop minimises the query cross-entropy with respect to ω; there is no inner
 loop (adaptation is computing prototypes).
 
-While meta-training, each task of a meta-batch is its own batch-norm batch (statistics per
+The embedding is any network (a Conv-4 by default, or ResNet-12, or a user's module, pretrained
+or not). While meta-training, each task of a meta-batch is its own batch-norm batch (statistics per
 task, as in Snell et al.'s code, which trains on one episode per step): a task's embedding then
 does not depend on which other tasks share its meta-batch, so splitting a meta-batch over
 processes (:mod:`metaloop.distributed`) computes exactly what one process computes. The
 running statistics used at test time are updated once per step with the mean over tasks of the
-per-task statistics. The convolution biases (each followed by batch norm, so the loss does not
-depend on them) are not trained; see :meth:`ProtoNet.encode`.
+per-task statistics. The biases of convolutions followed by batch norm (the loss does not depend
+on them) are not trained; see :func:`metaloop.nn.task_norm.statistics_per_task`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaloop.algorithms.base import MetaLearner, Predictor
-from metaloop.nn.conv4 import Conv4
+from metaloop.nn.backbones import embedding_backbone
+from metaloop.nn.task_norm import encode_tasks
 from metaloop.tasks.episodes import TaskBatch
 
 
@@ -38,84 +40,36 @@ def squared_distances(query_emb: torch.Tensor, protos: torch.Tensor) -> torch.Te
     return (query_emb.unsqueeze(2) - protos.unsqueeze(1)).pow(2).sum(-1)
 
 
-def task_batch_norm(bn: nn.BatchNorm2d, h: torch.Tensor, tasks: int) -> torch.Tensor:
-    """``bn`` applied to ``h`` ``[T*n, C, H, W]`` (T tasks of n images, task-major) with batch
-    statistics per task while training; ``[T*n, C, H, W]`` out.
-
-    The T tasks become T groups of channels of one ``F.batch_norm`` call (``[n, T*C, H, W]``),
-    so the statistics of channel c of task t are over that task's n images only. The running
-    statistics move once, towards the mean over tasks of the per-task mean and (unbiased)
-    variance; for T = 1 this is exactly ``bn(h)``. In eval mode it is ``bn(h)``.
-    """
-    if not bn.training:
-        return bn(h)
-    # T = 1 goes the same way rather than through bn(h): on the CPU, bn(h) saves the running-statistics
-    # buffers for its backward, so a later in-place update of them (another forward before backward,
-    # as for tasks of unequal shapes) would break that backward.
-    n, c, rest = h.shape[0] // tasks, h.shape[1], h.shape[2:]
-    x = h.view(tasks, n, c, *rest).transpose(0, 1).reshape(n, tasks * c, *rest)  # [n, T*C, H, W]
-    momentum = bn.momentum
-    if bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm does
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    tracking = bn.track_running_stats and bn.running_mean is not None
-    # [T*C] copies of the running statistics: F.batch_norm moves copy t towards task t's statistics
-    running_mean = bn.running_mean.repeat(tasks) if tracking else None
-    running_var = bn.running_var.repeat(tasks) if tracking else None
-    weight = bn.weight.repeat(tasks) if bn.weight is not None else None
-    bias = bn.bias.repeat(tasks) if bn.bias is not None else None
-    out = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum or 0.0, bn.eps)
-    if tracking:
-        with torch.no_grad():
-            bn.running_mean.copy_(running_mean.view(tasks, c).mean(0))
-            bn.running_var.copy_(running_var.view(tasks, c).mean(0))
-    return out.view(n, tasks, c, *rest).transpose(0, 1).reshape(tasks * n, c, *rest)
-
-
-def encode_tasks(encoder: Conv4, images: torch.Tensor) -> torch.Tensor:
-    """Embeddings ``[T, n, D]`` of images ``[T, n, C, H, W]``; batch norm per task (training).
-
-    The bias of each convolution is used but not trained: every convolution feeds a batch norm,
-    which subtracts the batch mean, so the loss does not depend on that bias and its true
-    gradient is zero. The float32 gradient is rounding noise (~1e-9), which Adam would
-    normalise into steps of about ``lr`` in random directions: a random walk that changes
-    nothing while training, drags the running means along (so test-time outputs drift), and
-    makes a run depend on how its sums were ordered (threads, processes).
-    """
-    tasks, n = images.shape[:2]
-    h = images.flatten(0, 1)  # [T*n, C, H, W]
-    for block in encoder.blocks:
-        for layer in block:
-            if isinstance(layer, nn.BatchNorm2d):
-                h = task_batch_norm(layer, h, tasks)
-            elif isinstance(layer, nn.Conv2d) and layer.bias is not None:
-                bias = layer.bias.detach()
-                h = F.conv2d(h, layer.weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-            else:
-                h = layer(h)
-    return h.flatten(1).view(tasks, n, -1)
-
-
 class ProtoNet(MetaLearner):
-    """Prototypical Networks on a Conv-4 embedding.
+    """Prototypical Networks over any embedding network (a Conv-4 by default).
 
     Args:
-        in_channels: image channels (1 for Omniglot).
-        hidden: filters per conv layer (64 in the paper).
+        backbone: the embedding f_ω, images ``[B, C, H, W]`` -> ``[B, D]``: an ``nn.Module``, a
+            built-in name (``"conv4"``, ``"resnet12"``) or an import path ``package.module:factory``.
+        in_channels: image channels of the built-in backbones (1 for Omniglot).
+        hidden: filters per conv layer of the Conv-4 (64 in the paper).
+        backbone_args: keyword arguments of the backbone's factory (or of ``"resnet12"``).
 
     Example:
-        >>> learner = ProtoNet(in_channels=1, hidden=64)
+        >>> learner = ProtoNet(my_encoder)                        # any [B, C, H, W] -> [B, D] module
         >>> predictor = learner.adapt(support_x, support_y)   # [W*S, 1, 28, 28], [W*S]
         >>> logits = predictor(query_x)                        # [N, W]
     """
 
     name = "protonet"
     bf16_safe = True
+    config_keys = ("backbone", "backbone_args", "hidden")
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64) -> None:
-        super().__init__(in_channels=in_channels, hidden=hidden)
-        self.encoder = Conv4(in_channels, hidden)
+    def __init__(
+        self,
+        backbone: nn.Module | str = "conv4",
+        in_channels: int = 1,
+        hidden: int = 64,
+        backbone_args: dict | None = None,
+    ) -> None:
+        encoder, spec = embedding_backbone(backbone, in_channels, hidden, backbone_args)
+        super().__init__(backbone=spec, in_channels=in_channels, hidden=hidden, backbone_args=backbone_args)
+        self.encoder = encoder
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[T, n, D]`` of images ``[T, n, C, H, W]``; see :func:`encode_tasks`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaloop.algorithms.gradient_based import GradientLearner, build_backbone, network_problem
+from metaloop.algorithms.gradient_based import GradientLearner, network_problem
 from metaloop.inner import Forward, Params, StepSize
 from metaloop.tasks.episodes import TaskBatch
 
@@ -54,7 +54,8 @@ class Reptile(GradientLearner):
     bit-identical to one process there.
 
     Args:
-        backbone, in_channels, hidden, ways, strategy: as for :class:`metaloop.algorithms.maml.MAML`.
+        backbone, in_channels, hidden, ways, strategy, backbone_args: as for
+            :class:`metaloop.algorithms.maml.MAML` (any ``nn.Module``, built-in name or import path).
         inner_lr: α of the inner SGD.
         inner_steps: n during meta-training.
         eval_inner_steps: n at test time.
@@ -66,7 +67,13 @@ class Reptile(GradientLearner):
 
     name = "reptile"
     bf16_safe = True
+    config_keys = (
+        *(k for k in GradientLearner.config_keys if k != "first_order"),
+        "inner_optimizer",
+        "inner_batch_size",
+    )
     defaults = {
+        **GradientLearner.defaults,
         "conv4": {
             **GradientLearner.defaults["conv4"],
             "inner_lr": 0.1,
@@ -83,7 +90,7 @@ class Reptile(GradientLearner):
 
     def __init__(
         self,
-        backbone: str = "conv4",
+        backbone: nn.Module | str = "conv4",
         in_channels: int = 1,
         hidden: int | None = None,
         ways: int | None = None,
@@ -93,6 +100,7 @@ class Reptile(GradientLearner):
         strategy: str = "auto",
         inner_optimizer: str = "sgd",
         inner_batch_size: int | None = None,
+        backbone_args: dict | None = None,
     ) -> None:
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(
@@ -112,10 +120,10 @@ class Reptile(GradientLearner):
             strategy=strategy,
             inner_optimizer=inner_optimizer,
             inner_batch_size=inner_batch_size,
+            backbone_args=backbone_args,
         )
         del self.hparams["first_order"]
-        h = self.hparams
-        self.net = build_backbone(backbone, in_channels, h["hidden"], h["ways"])
+        self.net = self.build_network(backbone)
         self.inner_adam: nn.Module | None = None
         if inner_optimizer == "adam":
             self.inner_adam = nn.Module()  # v of every weight, and k
@@ -182,7 +190,7 @@ class Reptile(GradientLearner):
         k pass from each task to the next and are stored back in the learner."""
         forward, params, lr = self.inner_problem(meta=False)
         ways = int(support_y.max()) + 1 if self.task_type == "classification" else 0
-        if 0 < ways < int(self.hparams["ways"]):
+        if 0 < ways < (self.fixed_ways or 0):
             forward = self.first_outputs(forward, ways)
         adam = self.inner_adam
         moments = {name: getattr(adam, self.moment_key(name)) for name in params} if adam else {}

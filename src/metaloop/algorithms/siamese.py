@@ -21,14 +21,18 @@ of class k (the most similar example's class in 1-shot). No parameter changes at
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metaloop.algorithms.embedding import EmbeddingReader
-from metaloop.algorithms.protonet import encode_tasks
-from metaloop.nn.conv4 import Conv4
+from metaloop.config import Config
+from metaloop.nn.backbones import embedding_backbone, embedding_size
+from metaloop.nn.task_norm import encode_tasks
 from metaloop.tasks.episodes import TaskBatch
+from metaloop.tasks.source import TaskSource
 
 LOSSES = ("bce", "contrastive")
 NEGATIVES = ("cycle", "hardest")
@@ -72,15 +76,18 @@ class Siamese(EmbeddingReader):
     """Siamese network on a Conv-4 embedding, weighted-L1 + sigmoid (Koch) or contrastive.
 
     Args:
+        backbone: the twin embedding, images ``[B, C, H, W]`` -> ``[B, D]``: a module, ``"conv4"``,
+            ``"resnet12"`` or an import path ``package.module:factory`` (see :class:`ProtoNet`).
         in_channels: image channels (1 for Omniglot).
         image_size: height = width of the images; fixes the embedding size D.
-        hidden: filters per conv layer (64).
+        hidden: filters per conv layer of the Conv-4 (64).
         loss: ``"bce"`` (Koch et al.) or ``"contrastive"`` (Hadsell et al.).
         margin: m of the contrastive loss (1.0).
         negatives: each query's different-class partner: ``"cycle"`` (the other classes in turn,
             :func:`episode_pairs`) or ``"hardest"`` (the support example of another class it is
             currently most similar to, the pair the nearest-neighbour decision gets wrong first;
             hard-negative mining as in FaceNet, Schroff et al. 2015). Balanced either way.
+        backbone_args: keyword arguments of the backbone's factory (or of ``"resnet12"``).
 
     Example:
         >>> learner = Siamese(in_channels=1, image_size=28)
@@ -90,30 +97,41 @@ class Siamese(EmbeddingReader):
 
     name = "siamese"
     bf16_safe = True
+    config_keys = ("backbone", "backbone_args", "hidden", "loss", "margin", "negatives")
+
+    @classmethod
+    def data_hparams(cls, config: Config, tasks: TaskSource) -> dict[str, Any]:
+        """Image channels and size."""
+        return {"in_channels": tasks.input_channels(), "image_size": config.data.image_size}
 
     def __init__(
         self,
+        backbone: nn.Module | str = "conv4",
         in_channels: int = 1,
         image_size: int = 28,
         hidden: int = 64,
         loss: str = "bce",
         margin: float = 1.0,
         negatives: str = "cycle",
+        backbone_args: dict | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
         if negatives not in NEGATIVES:
             raise ValueError(f"unknown negatives {negatives!r}; use one of {', '.join(NEGATIVES)}")
+        encoder, spec = embedding_backbone(backbone, in_channels, hidden, backbone_args)
+        dim = embedding_size(encoder, (in_channels, image_size, image_size))
         super().__init__(
+            backbone=spec,
             in_channels=in_channels,
             image_size=image_size,
             hidden=hidden,
             loss=loss,
             margin=margin,
             negatives=negatives,
+            backbone_args=backbone_args,
         )
-        self.encoder = Conv4(in_channels, hidden)
-        dim = self.encoder.embedding_dim((in_channels, image_size, image_size))
+        self.encoder = encoder
         self.distance_weights = nn.Linear(dim, 1)  # a_j and b of the weighted L1 distance
         with torch.no_grad():  # start with "closer means more similar": a_j < 0
             self.distance_weights.weight.uniform_(-2.0 / dim, 0.0)

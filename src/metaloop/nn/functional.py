@@ -54,7 +54,7 @@ def task_conv2d(h: torch.Tensor, weight: torch.Tensor, tasks: int, stride: int, 
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 
 
-def _under_functorch(h: torch.Tensor) -> bool:
+def under_functorch(h: torch.Tensor) -> bool:
     """True inside a ``torch.func`` transform (vmap, grad), where ``F.batch_norm`` is unsafe;
     also True if this torch cannot tell (then the safe path is always taken)."""
     return _is_wrapped is None or _is_wrapped(h)
@@ -73,7 +73,7 @@ def task_batch_norm(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, t
     check both against an independent reference).
     """
     scale, shift = channels(scale, tasks), channels(shift, tasks)
-    if not _under_functorch(h):
+    if not under_functorch(h):
         return F.batch_norm(h, None, None, scale, shift, training=True, eps=BN_EPS)
     mean = h.mean((0, 2, 3), keepdim=True)
     centred = h - mean
