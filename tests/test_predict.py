@@ -21,7 +21,7 @@ from metaloop.data.transform import InputTransform
 
 SUPPORT_SHOTS, QUERIES_PER_CLASS = 3, 6
 GLYPH_CLASSES = (0, 150, 300, 450, 600)  # of the 734 test-split classes: blocks never seen in training
-README = (Path(__file__).parent.parent / "README.md").read_text()
+GUIDE = (Path(__file__).parent.parent / "docs" / "your-own-images.md").read_text()
 
 
 def read_csv(path):
@@ -140,15 +140,15 @@ def test_images_are_converted_as_training_images_were(glyph_run, tmp_path):
     assert difference < 0.03, difference  # up- then down-sampling blurs a little; ink covers ~20%
 
 
-def test_readme_python_example_runs_as_written(glyph_run, glyph_task, tmp_path, monkeypatch):
+def test_the_guides_python_example_runs_as_written(glyph_run, glyph_task, tmp_path, monkeypatch):
     support, (query_dir, _), truth = glyph_task
-    (code,) = re.findall(r"The same from Python:\n\n```python\n(.*?)```", README, re.S)
+    (code,) = re.findall(r"## From Python\n\n```python\n(.*?)```", GUIDE, re.S)
     (tmp_path / "runs").mkdir()
     for link, target in (("runs/default", glyph_run), ("my_support", support), ("my_queries", query_dir)):
         (tmp_path / link).symlink_to(target, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/your-own-images.md", "exec"), namespace)
     predictions = namespace["predictions"]
     assert len(predictions) == len(truth) - 1  # all but the extra file outside the query folder
     assert [p.path for p in predictions] == sorted(p.path for p in predictions)
