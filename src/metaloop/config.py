@@ -94,6 +94,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # step-NNNNNNN.pt files kept besides last.pt (0: last.pt only)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop | skip (the batch) | lower_lr (and skip)
     nonfinite_lr_factor: float = 0.5  # on_nonfinite: lower_lr multiplies the learning rate by this
+    max_task_chunk: int | None = None  # gradient learners, batched/vmap: tasks per backward (None: by memory)
+    task_memory_mb: float | None = None  # graph memory a chunk of tasks may hold (None: 256 MB)
 
 
 @dataclass

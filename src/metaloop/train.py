@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from metaloop.data.base import ClassImages
 from metaloop.evaluate import EvalResult, Sampler, evaluate
 from metaloop.fileio import atomic_link, atomic_write_bytes
 from metaloop.tasks.episodes import EpisodeSampler
-from metaloop.tasks.heterogeneous import MixedEpisodeSampler, mean_over_tasks
+from metaloop.tasks.heterogeneous import MixedEpisodeSampler, backward_over_tasks
 from metaloop.tasks.sinusoid import SinusoidTasks
 
 
@@ -403,10 +404,14 @@ class Trainer:
         size = self.config.train.meta_batch_size
         keep = distributed.shard(size) if distributed.active() else None
         batch = self.sampler.sample(size, keep=keep).to(self.device)
-        with autocast(self.device, self.config.train.precision):
-            loss, metrics = mean_over_tasks(batch, self.learner.meta_loss)  # tasks of unequal shapes: groups
+        t = self.config.train
+        # the learner back-propagates (task by task where it can); tasks of unequal shapes: groups
+        backward = partial(
+            self.learner.meta_backward, max_task_chunk=t.max_task_chunk, memory_budget_mb=t.task_memory_mb
+        )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with autocast(self.device, t.precision):
+            metrics = backward_over_tasks(batch, backward)
         metrics = distributed.average_gradients_(self.learner, metrics)
         bad = self.nonfinite(metrics)
         if bad is None:

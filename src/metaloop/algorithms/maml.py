@@ -180,6 +180,6 @@ class ANIL(MAML):
 
         return forward, params, lr
 
-    def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def inner_inputs(self, x: torch.Tensor, strategy: str = "loop") -> torch.Tensor:
         """Body features ``[T, n, hidden]`` of inputs ``[T, n, ...]``."""
-        return map_tasks(self.net.features, x, self.strategy(x.device))
+        return map_tasks(self.net.features, x, strategy)
