@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 from gradient_helpers import TOLERANCE, batch_for, image_batch, max_difference, small_learner
-from reference import cavia_loss, conv_net, maml_loss, meta_gradient, mlp_net
+from reference import cavia_loss, conv_net, maml_loss, meta_gradient, mlp_net, standard_conv_net
 
 from metaloop import inner
 from metaloop.algorithms.execution import chunk_size
+from metaloop.nn.conv4_standard import StandardConv4
 from metaloop.nn.functional import head_names
 from metaloop.tasks.heterogeneous import TaskGroups, backward_over_tasks, mean_over_tasks
 
@@ -178,3 +179,18 @@ def test_auto_measures_without_changing_gradients_rng_or_results(tmp_path, monke
 def test_reptile_with_adam_is_never_measured():
     learner = small_learner("reptile", "conv4", inner_optimizer="adam")
     assert learner.candidate_strategies() == ("loop",)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_standard_conv4_gives_the_reference_meta_gradient(strategy):
+    """The benchmark's network (max-pooling, flattened features) under every strategy, chunks of 2."""
+    learner = small_learner("maml", "conv4", inner_steps=2, strategy=strategy)
+    torch.manual_seed(0)
+    learner.net = StandardConv4(1, 4, 3, image_size=16).double()
+    batch = image_batch(tasks=3)
+    metrics, grads = backward_gradients(learner, batch, max_task_chunk=2)
+    params = {k: p.detach().clone().requires_grad_() for k, p in learner.net.named_parameters()}
+    ref_loss = maml_loss(standard_conv_net, params, batch, learner.hparams["inner_lr"], 2)
+    ref_grads = {"net." + k: v for k, v in meta_gradient(ref_loss, params).items()}
+    assert abs(metrics["loss"] - ref_loss.item()) < TOLERANCE
+    assert max_difference(grads, ref_grads) < TOLERANCE

@@ -38,6 +38,7 @@ from metaloop.nn.mlp import MLP
 from metaloop.tasks.episodes import TaskBatch
 
 BACKBONES = ("conv4", "mlp")
+TRIAL_TASKS = 4  # tasks each strategy runs when "auto" measures them (one untimed run, one timed)
 
 
 def build_backbone(
@@ -175,7 +176,9 @@ class GradientLearner(MetaLearner):
             return self.active_strategy(batch.support_x, batch.query_x, meta)
         key = self.strategy_key(batch.support_x, batch.query_x, meta)
         task_bytes = self.task_graph_bytes(batch) if meta else None
+        # the same few tasks for every candidate: at most one chunk, and at most TRIAL_TASKS
         size = max(chunk_size(s, batch.num_tasks, max_task_chunk, task_bytes, None) for s in candidates)
+        size = min(size, TRIAL_TASKS)
         part = batch.slice(0, size)
         weights = [p for p in self.parameters() if p.requires_grad]
         buffers = {name: b.clone() for name, b in self.named_buffers()}
@@ -196,7 +199,7 @@ class GradientLearner(MetaLearner):
                 for name, b in self.named_buffers():
                     b.copy_(buffers[name])
 
-        return fastest_strategy(key, candidates, step)
+        return fastest_strategy(key, candidates, step, repeats=1)
 
     def task_graph_bytes(self, batch: TaskBatch) -> int:
         """Bytes one task's meta-loss graph saves for backward (the first task, strategy ``loop``)."""
