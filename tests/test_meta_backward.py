@@ -194,3 +194,35 @@ def test_the_standard_conv4_gives_the_reference_meta_gradient(strategy):
     ref_grads = {"net." + k: v for k, v in meta_gradient(ref_loss, params).items()}
     assert abs(metrics["loss"] - ref_loss.item()) < TOLERANCE
     assert max_difference(grads, ref_grads) < TOLERANCE
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+@pytest.mark.parametrize("name", ["maml", "metasgd", "cavia"])
+def test_checkpointed_inner_steps_give_the_reference_meta_gradient(name, strategy):
+    learner = small_learner(name, "conv4", inner_steps=3, strategy=strategy)
+    learner.checkpoint_inner_steps = True
+    batch = image_batch(tasks=3)
+    metrics, grads = backward_gradients(learner, batch, max_task_chunk=2)
+    ref_loss, ref_grads = reference(learner, batch)
+    assert abs(metrics["loss"] - ref_loss.item()) < TOLERANCE
+    assert max_difference(grads, ref_grads) < TOLERANCE
+
+
+def test_checkpointing_refuses_vmap():
+    learner = small_learner("maml", "conv4", strategy="vmap")
+    learner.checkpoint_inner_steps = True
+    with pytest.raises(ValueError, match="checkpoint_steps works with strategy 'loop' or 'batched'"):
+        learner.meta_backward(image_batch(tasks=2))
+    assert small_learner("maml", "conv4", strategy="auto").candidate_strategies() == STRATEGIES
+    learner.hparams["strategy"] = "auto"
+    assert learner.candidate_strategies() == ("loop", "batched")
+
+
+def test_checkpointed_graph_memory_does_not_grow_with_the_inner_steps():
+    def peak(steps, checkpointed):
+        learner = small_learner("maml", "conv4", inner_steps=steps, strategy="loop")
+        learner.checkpoint_inner_steps = checkpointed
+        return peak_saved_bytes(learner, image_batch(tasks=1))
+
+    assert peak(6, False) > 2.5 * peak(2, False)  # without: every step's graph is held
+    assert peak(6, True) < 1.5 * peak(2, True)

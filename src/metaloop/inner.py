@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
@@ -186,15 +187,25 @@ class InnerLoop:
         loss: per-task loss, e.g. :func:`cross_entropy_per_task` or :func:`mse_per_task`.
         first_order: treat the inner gradients as constants (no second derivatives).
         strategy: ``"loop"``, ``"vmap"`` or ``"batched"`` (see the module docstring).
+        checkpoint_steps: gradient checkpointing of the inner steps (second order, ``"loop"`` and
+            ``"batched"``): each step keeps only its input parameters and is recomputed during the
+            backward pass, so the graph held no longer grows with the number of steps, for about
+            one more forward and inner-gradient computation per step.
     """
 
     loss: TaskLoss
     first_order: bool = False
     strategy: str = "loop"
+    checkpoint_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.checkpoint_steps and self.strategy == "vmap":
+            raise ValueError(
+                "checkpoint_steps works with strategy 'loop' or 'batched' (torch.func.grad under vmap "
+                "does not allow checkpointing); choose one of those or turn checkpointing off"
+            )
 
     def _adapt_one(
         self,
@@ -208,10 +219,20 @@ class InnerLoop:
     ) -> Params:
         """``steps`` SGD steps from ``params`` on one task (or on all tasks, batched)."""
         create_graph = not self.first_order
+        names = list(params)
+
+        def step(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            current = dict(zip(names, values, strict=True))
+            g = grads(lambda p: self.loss(forward(p, x), y), current, create_graph)
+            return tuple(current[name] - step_size_for(lr, name) * g[name] for name in names)
+
+        values = tuple(params.values())
         for _ in range(steps):
-            g = grads(lambda p: self.loss(forward(p, x), y), params, create_graph)
-            params = {name: p - step_size_for(lr, name) * g[name] for name, p in params.items()}
-        return params
+            if self.checkpoint_steps and create_graph and torch.is_grad_enabled():
+                values = checkpoint(step, *values, use_reentrant=False)
+            else:
+                values = step(*values)
+        return dict(zip(names, values, strict=True))
 
     def run(
         self,

@@ -251,6 +251,13 @@ class Trainer:
         )
         self.validate_sampler()  # constructing it checks the episode shape before any training happens
         self.learner = learner_from_config(config, self.tasks).to(self.device)
+        if t.checkpoint_inner_steps:
+            if not hasattr(self.learner, "checkpoint_inner_steps"):
+                raise ConfigError(
+                    f"train.checkpoint_inner_steps is for learners with a differentiable inner loop "
+                    f"(maml, metasgd, anil, cavia, adml), not {self.learner.name}; set it to false"
+                )
+            self.learner.checkpoint_inner_steps = True
         if t.precision == "bf16" and not self.learner.bf16_safe:
             safe = ", ".join(sorted(name for name, cls in LEARNERS.items() if cls.bf16_safe))
             raise ConfigError(

@@ -108,6 +108,8 @@ class GradientLearner(MetaLearner):
             )
         super().__init__(**resolved)
         self._trial: str | None = None  # a strategy forced while measuring or running chunks
+        # gradient checkpointing of the inner steps while meta-training (speed and memory, not results)
+        self.checkpoint_inner_steps = False
         self._graph_bytes: dict[str, int] = {}
         self.task_type = "classification" if backbone == "conv4" else "regression"
         self.loss = cross_entropy_per_task if self.task_type == "classification" else mse_per_task
@@ -130,8 +132,9 @@ class GradientLearner(MetaLearner):
 
     def candidate_strategies(self) -> tuple[str, ...]:
         """The strategies that compute this learner's function exactly, in order of preference
-        (``"auto"`` measures them). Every built-in backbone runs under all three."""
-        return STRATEGIES
+        (``"auto"`` measures them). Every built-in backbone runs under all three; checkpointed
+        inner steps exclude ``"vmap"``."""
+        return tuple(s for s in STRATEGIES if not (self.checkpoint_inner_steps and s == "vmap"))
 
     # ----- shared machinery ---------------------------------------------------------------------
     def strategy(self, device: torch.device) -> str:
@@ -146,6 +149,7 @@ class GradientLearner(MetaLearner):
         return (
             f"{device_key(support_x.device)}|torch {torch.__version__}|{self.name}|{type(self.net).__name__}"
             f"|{network}|{shapes}|steps {steps}|first_order {self.hparams.get('first_order')}|meta {meta}"
+            f"|checkpoint {self.checkpoint_inner_steps}"
         )
 
     def active_strategy(self, support_x: torch.Tensor, query_x: torch.Tensor, meta: bool) -> str:
@@ -248,7 +252,7 @@ class GradientLearner(MetaLearner):
     def inner_loop(self, meta: bool, strategy: str) -> InnerLoop:
         """Training: as configured. Test time: first order (no outer gradient is needed)."""
         first_order = not meta or bool(self.hparams["first_order"])
-        return InnerLoop(self.loss, first_order, strategy)
+        return InnerLoop(self.loss, first_order, strategy, meta and self.checkpoint_inner_steps)
 
     def check_batch(self, batch: TaskBatch) -> None:
         """Classification heads of W outputs take tasks of 2..W ways; regression takes ways = 0."""

@@ -40,13 +40,13 @@ class MAML(GradientLearner):
         eval_inner_steps: K at test time, in ``predict`` and ``adapt`` (default 3 conv4, 10 mlp).
         first_order: FOMAML.
         strategy: how the tasks of a batch execute: ``"loop"``, ``"vmap"``, ``"batched"`` (the
-            same numbers; see :mod:`metaloop.inner`) or ``"auto"``, the measured fastest for
-            the batch's device (loop on CPU, batched on CUDA).
+            same numbers up to float rounding; see :mod:`metaloop.inner`) or ``"auto"``, the fastest
+            as timed on the first batch of each shape (:meth:`GradientLearner.measure_strategy`).
 
     Example:
         >>> learner = MAML(backbone="conv4", in_channels=1, hidden=64, ways=5)
-        >>> loss, metrics = learner.meta_loss(batch)    # batch: a TaskBatch of 5-way tasks
-        >>> loss.backward(); optimizer.step()
+        >>> metrics = learner.meta_backward(batch)    # batch: a TaskBatch of 5-way tasks; fills .grad
+        >>> optimizer.step()
         >>> logits = learner.adapt(support_x, support_y)(query_x)   # [N, 5]
     """
 
