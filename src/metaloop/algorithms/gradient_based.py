@@ -38,7 +38,7 @@ from metaloop.nn.mlp import MLP
 from metaloop.tasks.episodes import TaskBatch
 
 BACKBONES = ("conv4", "mlp")
-TRIAL_TASKS = 4  # tasks each strategy runs when "auto" measures them (one untimed run, one timed)
+TRIAL_TASKS = 2  # tasks each strategy runs when "auto" measures them (one untimed run, one timed)
 
 
 def build_backbone(
@@ -179,6 +179,9 @@ class GradientLearner(MetaLearner):
         if self.hparams["strategy"] != "auto" or len(candidates) == 1:
             return self.active_strategy(batch.support_x, batch.query_x, meta)
         key = self.strategy_key(batch.support_x, batch.query_x, meta)
+        remembered = remembered_strategy(key)
+        if remembered in candidates:
+            return remembered
         task_bytes = self.task_graph_bytes(batch) if meta else None
         # the same few tasks for every candidate: at most one chunk, and at most TRIAL_TASKS
         size = max(chunk_size(s, batch.num_tasks, max_task_chunk, task_bytes, None) for s in candidates)
@@ -192,7 +195,8 @@ class GradientLearner(MetaLearner):
             with self._forced(strategy), torch.random.fork_rng(devices=devices):
                 if not meta:
                     with torch.no_grad():
-                        self.run_inner(part.support_x, part.support_y, part.query_x, 1, meta=False)
+                        steps = int(self.hparams["eval_inner_steps"])
+                        self.run_inner(part.support_x, part.support_y, part.query_x, steps, meta=False)
                     return
                 chunk = chunk_size(strategy, size, max_task_chunk, task_bytes, None)
                 for start in range(0, size, chunk):
