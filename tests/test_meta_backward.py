@@ -12,9 +12,11 @@ from reference import cavia_loss, conv_net, maml_loss, meta_gradient, mlp_net, s
 
 from metaloop import inner
 from metaloop.algorithms.execution import chunk_size
+from metaloop.config import ConfigError, load_config
 from metaloop.nn.conv4_standard import StandardConv4
 from metaloop.nn.functional import head_names
 from metaloop.tasks.heterogeneous import TaskGroups, backward_over_tasks, mean_over_tasks
+from metaloop.train import Trainer
 
 STRATEGIES = ("loop", "vmap", "batched")
 
@@ -141,8 +143,14 @@ def test_graph_memory_does_not_grow_with_the_meta_batch(strategy, chunk):
         assert whole > 2.5 * large
 
 
+def fresh_strategy_cache(tmp_path, monkeypatch):
+    """An empty strategies.json at tmp_path, and nothing remembered in this process."""
+    monkeypatch.setattr(inner, "strategy_cache_path", lambda: tmp_path / "strategies.json")
+    monkeypatch.setattr(inner, "_MEASURED", {})
+
+
 def test_fastest_strategy_times_the_candidates_and_remembers(tmp_path, monkeypatch):
-    monkeypatch.setenv("METALOOP_CACHE", str(tmp_path))
+    fresh_strategy_cache(tmp_path, monkeypatch)
     delays = {"loop": 0.02, "vmap": 0.001, "batched": 0.01}
     calls = []
 
@@ -154,13 +162,13 @@ def test_fastest_strategy_times_the_candidates_and_remembers(tmp_path, monkeypat
     assert json.loads((tmp_path / "strategies.json").read_text()) == {"k1": "vmap"}
     calls.clear()
     assert inner.fastest_strategy("k1", STRATEGIES, step) == "vmap" and calls == []  # cached
-    inner._MEASURED.clear()  # a new process: reads the file
+    monkeypatch.setattr(inner, "_MEASURED", {})  # a new process: reads the file
     assert inner.fastest_strategy("k1", STRATEGIES, step) == "vmap" and calls == []
     assert inner.fastest_strategy("k1", ("loop", "batched"), step) == "batched"  # not a candidate: measured
 
 
 def test_auto_measures_without_changing_gradients_rng_or_results(tmp_path, monkeypatch):
-    monkeypatch.setenv("METALOOP_CACHE", str(tmp_path))
+    fresh_strategy_cache(tmp_path, monkeypatch)
     learner = small_learner("maml", "conv4", inner_steps=2, strategy="auto")
     batch = image_batch(tasks=4)
     torch.manual_seed(5)
@@ -226,3 +234,19 @@ def test_checkpointed_graph_memory_does_not_grow_with_the_inner_steps():
 
     assert peak(6, False) > 2.5 * peak(2, False)  # without: every step's graph is held
     assert peak(6, True) < 1.5 * peak(2, True)
+
+
+def test_the_trainer_applies_checkpointing_and_refuses_it_without_an_inner_loop(
+    image_folder, tmp_path, tiny_cli_args
+):
+    def trainer(name):
+        args = tiny_cli_args(
+            image_folder, tmp_path / name, f"algorithm.name={name}", "train.checkpoint_inner_steps=true"
+        )
+        return Trainer(load_config(overrides=args[1::2]), progress=False)
+
+    assert trainer("maml").learner.checkpoint_inner_steps
+    with pytest.raises(
+        ConfigError, match="checkpoint_inner_steps is for learners with a differentiable inner"
+    ):
+        trainer("protonet")
