@@ -26,8 +26,8 @@ Which is fastest depends on the device, the network and the task shape, so ``"au
 :func:`fastest_strategy` times a few steps of each candidate on the batch at hand and remembers the
 winner per key (device, network, shapes) in the process and in ``strategies.json`` under
 ``$METALOOP_CACHE`` (default ``~/.cache/metaloop``), so later runs on the same machine choose the same.
-:func:`choose_strategy` is the rule used where nothing was measured (first order at test time without
-a batch; ``"loop"`` on the CPU for convolutional networks, ``"batched"`` otherwise).
+:func:`choose_strategy` is the rule used where nothing was measured for a key (e.g. ``meta_loss`` or
+``adapt`` called directly; ``"loop"`` on the CPU for convolutional networks, ``"batched"`` otherwise).
 """
 
 from __future__ import annotations
