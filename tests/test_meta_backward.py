@@ -250,3 +250,20 @@ def test_the_trainer_applies_checkpointing_and_refuses_it_without_an_inner_loop(
         ConfigError, match="checkpoint_inner_steps is for learners with a differentiable inner"
     ):
         trainer("protonet")
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_adml_task_by_task_equals_its_whole_batch_loss(attack):
+    """FGSM attacks each task on its own, so ADML goes task by task; PGD keeps one backward."""
+    learner = small_learner("adml", "conv4", inner_steps=1, strategy="loop", attack=attack, attack_steps=2)
+    batch = image_batch(tasks=3)
+    learner.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    loss, _ = learner.meta_loss(batch)
+    loss.backward()
+    expected = {k: p.grad.clone() for k, p in learner.named_parameters()}
+    torch.manual_seed(3)
+    metrics, grads = backward_gradients(learner, batch)
+    assert learner.splits_by_task() == (attack == "fgsm")
+    assert abs(metrics["loss"] - loss.item()) < TOLERANCE
+    assert max_difference(grads, expected) < TOLERANCE
