@@ -137,6 +137,22 @@ def omniglot_first_load(omniglot_data_dir: Path, omniglot_cache_dir: Path) -> di
     return {"dataset": ds, "seconds": seconds, "cache_before": before, "cache_after": after}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def strategy_cache(tmp_path_factory: pytest.TempPathFactory):
+    """``strategy="auto"`` remembers its measured choices in ``strategies.json``: in this test session
+    a temporary one unless METALOOP_CACHE names a cache (never the user's ``~/.cache``)."""
+    if os.environ.get("METALOOP_CACHE"):
+        yield
+        return
+    import metaloop.inner
+
+    patch = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("strategies") / "strategies.json"
+    patch.setattr(metaloop.inner, "strategy_cache_path", lambda: path)
+    yield
+    patch.undo()
+
+
 # Tests whose outcome depends on floating-point details (precision, determinism, resume, gradient
 # references, distributed equality): CI runs them again under lowered CPU kernels
 # (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), so that a kernel-dependent test fails here first.

@@ -40,6 +40,20 @@ def conv_net(
     return F.linear(h.mean(dim=(2, 3)), p["head.weight"], p["head.bias"])
 
 
+def standard_conv_net(p: Params, x: torch.Tensor) -> torch.Tensor:
+    """The standard Conv-4 on one task (3x3 conv with padding 1, batch norm, ReLU, 2x2 max-pool;
+    flattened features, linear head): x ``[n, C, H, W]`` -> logits ``[n, W]``."""
+    h = x
+    for i in range(4):
+        h = F.conv2d(h, p[f"blocks.{i}.conv"], padding=1)
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((h - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        h = (h - mean) / torch.sqrt(var + 1e-5)
+        h = h * p[f"blocks.{i}.scale"].view(1, -1, 1, 1) + p[f"blocks.{i}.shift"].view(1, -1, 1, 1)
+        h = F.max_pool2d(F.relu(h), 2)
+    return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
+
+
 def mlp_net(p: Params, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
     """The sinusoid MLP on one task: x ``[n, 1]`` -> ``[n, 1]``; context concatenated to the input."""
     if context is not None:

@@ -120,7 +120,7 @@ def test_unknown_strategy_is_rejected():
         InnerLoop(mse_per_task, strategy="pmap")
 
 
-def test_auto_strategy_is_the_measured_best_per_device():
+def test_the_rule_used_where_no_strategy_was_measured():
     assert choose_strategy("auto", torch.device("cpu")) == "loop"
     assert choose_strategy("auto", torch.device("cuda")) == "batched"
     assert choose_strategy("auto", torch.device("cpu"), convolutional=False) == "batched"

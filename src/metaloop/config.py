@@ -100,6 +100,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop | skip (the batch) | lower_lr (and skip)
     nonfinite_lr_factor: float = 0.5  # on_nonfinite: lower_lr multiplies the learning rate by this
     tensorboard: bool = False  # also log metrics to <run_dir>/tensorboard (needs the tensorboard package)
+    max_task_chunk: int | None = None  # gradient learners, batched/vmap: tasks per backward (None: by memory)
+    task_memory_mb: float | None = None  # graph memory a chunk of tasks may hold (None: 256 MB)
+    checkpoint_inner_steps: bool = False  # second-order learners: recompute inner steps in backward
 
 
 @dataclass

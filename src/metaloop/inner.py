@@ -22,19 +22,26 @@ Execution strategies (the same numbers, different speed and memory):
   Gradients of the sum of the per-task losses with respect to the ``[T, ...]`` parameters
   are exactly the per-task gradients, because task i's loss depends only on slice i.
 
-Which is fastest was measured, not assumed (``benchmarks/throughput.py``, results in
-``benchmarks/results/``; second-order MAML, 32 Omniglot-shaped 5-way 1-shot tasks, Conv-4):
-on a shared 2-core CPU the loop was fastest and smallest; on an H200 GPU ``"batched"`` ran
-about 18x the loop's tasks/s. :func:`choose_strategy` encodes that.
+Which is fastest depends on the device, the network and the task shape, so ``"auto"`` measures it:
+:func:`fastest_strategy` times a few steps of each candidate on the batch at hand and remembers the
+winner per key (device, network, shapes) in the process and in ``strategies.json`` under
+``$METALOOP_CACHE`` (default ``~/.cache/metaloop``), so later runs on the same machine choose the same.
+:func:`choose_strategy` is the rule used where nothing was measured for a key (e.g. ``meta_loss`` or
+``adapt`` called directly; ``"loop"`` on the CPU for convolutional networks, ``"batched"`` otherwise).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
@@ -59,6 +66,76 @@ def choose_strategy(strategy: str, device: torch.device, convolutional: bool = T
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of auto, {', '.join(STRATEGIES)}")
     return strategy
+
+
+_MEASURED: dict[str, str] = {}  # key -> fastest strategy, this process
+
+
+def strategy_cache_path() -> Path:
+    """``strategies.json`` in ``$METALOOP_CACHE`` (default ``~/.cache/metaloop``)."""
+    root = os.environ.get("METALOOP_CACHE") or Path.home() / ".cache" / "metaloop"
+    return Path(root) / "strategies.json"
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _write_cache(path: Path, key: str, strategy: str) -> None:
+    """Add ``key -> strategy`` to the file atomically (temp file + rename); an unwritable cache is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = {**_read_cache(path), key: strategy}
+        temp = path.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+        temp.replace(path)
+    except OSError:
+        pass
+
+
+def remembered_strategy(key: str) -> str | None:
+    """The strategy measured for ``key`` in this process or an earlier one on this machine, if any."""
+    if key not in _MEASURED:
+        stored = _read_cache(strategy_cache_path()).get(key)
+        if stored not in STRATEGIES:
+            return None
+        _MEASURED[key] = stored
+    return _MEASURED[key]
+
+
+def fastest_strategy(
+    key: str, candidates: tuple[str, ...], step: Callable[[str], None], repeats: int = 2
+) -> str:
+    """The candidate whose ``step(strategy)`` ran fastest (best of ``repeats`` timed runs after one
+    untimed), cached per ``key`` in this process and in :func:`strategy_cache_path`.
+
+    ``step`` must not change anything a later computation reads (gradients, RNG, buffers): the
+    choice changes speed and memory only, never which function is computed. Ties within 5% go to
+    the candidate listed first (deterministic preference order).
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    remembered = remembered_strategy(key)
+    if remembered in candidates:
+        return remembered
+    seconds = {}
+    for strategy in candidates:
+        step(strategy)  # warm-up: first-call costs (allocations, vmap set-up) are not the steady state
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step(strategy)
+            times.append(time.perf_counter() - start)
+        seconds[strategy] = min(times)
+    best = min(seconds.values())
+    choice = next(s for s in candidates if seconds[s] <= 1.05 * best)
+    _MEASURED[key] = choice
+    _write_cache(strategy_cache_path(), key, choice)
+    return choice
 
 
 def cross_entropy_per_task(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -110,15 +187,25 @@ class InnerLoop:
         loss: per-task loss, e.g. :func:`cross_entropy_per_task` or :func:`mse_per_task`.
         first_order: treat the inner gradients as constants (no second derivatives).
         strategy: ``"loop"``, ``"vmap"`` or ``"batched"`` (see the module docstring).
+        checkpoint_steps: gradient checkpointing of the inner steps (second order, ``"loop"`` and
+            ``"batched"``): each step keeps only its input parameters and is recomputed during the
+            backward pass, so the graph held no longer grows with the number of steps, for about
+            one more forward and inner-gradient computation per step.
     """
 
     loss: TaskLoss
     first_order: bool = False
     strategy: str = "loop"
+    checkpoint_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.checkpoint_steps and self.strategy == "vmap":
+            raise ValueError(
+                "checkpoint_steps works with strategy 'loop' or 'batched' (torch.func.grad under vmap "
+                "does not allow checkpointing); choose one of those or turn checkpointing off"
+            )
 
     def _adapt_one(
         self,
@@ -132,10 +219,20 @@ class InnerLoop:
     ) -> Params:
         """``steps`` SGD steps from ``params`` on one task (or on all tasks, batched)."""
         create_graph = not self.first_order
+        names = list(params)
+
+        def step(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            current = dict(zip(names, values, strict=True))
+            g = grads(lambda p: self.loss(forward(p, x), y), current, create_graph)
+            return tuple(current[name] - step_size_for(lr, name) * g[name] for name in names)
+
+        values = tuple(params.values())
         for _ in range(steps):
-            g = grads(lambda p: self.loss(forward(p, x), y), params, create_graph)
-            params = {name: p - step_size_for(lr, name) * g[name] for name, p in params.items()}
-        return params
+            if self.checkpoint_steps and create_graph and torch.is_grad_enabled():
+                values = checkpoint(step, *values, use_reentrant=False)
+            else:
+                values = step(*values)
+        return dict(zip(names, values, strict=True))
 
     def run(
         self,

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from metaloop.evaluate import EvalResult, Sampler, evaluate, test_learner
 from metaloop.fileio import atomic_link, atomic_write_bytes
 from metaloop.learners import learner_from_checkpoint, learner_from_config
 from metaloop.metric_files import MetricsCsv, TensorBoardLog, check_tensorboard
-from metaloop.tasks.heterogeneous import mean_over_tasks
+from metaloop.tasks.heterogeneous import backward_over_tasks
 from metaloop.tasks.source import TaskSource
 
 log = logging.getLogger(__name__)  # "run folder: ...", one line per meta-validation (the CLI shows them)
@@ -123,6 +124,13 @@ class Trainer:
                 "its whole network); to use the pretrained network as it is, write a checkpoint with "
                 "'metaloop export' and evaluate that"
             )
+        if t.checkpoint_inner_steps:
+            if not hasattr(self.learner, "checkpoint_inner_steps"):
+                raise ConfigError(
+                    f"train.checkpoint_inner_steps is for learners with a differentiable inner loop "
+                    f"(maml, metasgd, anil, cavia, adml), not {self.learner.name}; set it to false"
+                )
+            self.learner.checkpoint_inner_steps = True
         if t.precision == "bf16" and not self.learner.bf16_safe:
             safe = ", ".join(sorted(name for name, cls in LEARNERS.items() if cls.bf16_safe))
             raise ConfigError(
@@ -297,10 +305,14 @@ class Trainer:
         size = self.config.train.meta_batch_size
         keep = distributed.shard(size) if distributed.active() else None
         batch = self.sampler.sample(size, keep=keep).to(self.device)
-        with autocast(self.device, self.config.train.precision):
-            loss, metrics = mean_over_tasks(batch, self.learner.meta_loss)  # tasks of unequal shapes: groups
+        t = self.config.train
+        # the learner back-propagates (task by task where it can); tasks of unequal shapes: groups
+        backward = partial(
+            self.learner.meta_backward, max_task_chunk=t.max_task_chunk, memory_budget_mb=t.task_memory_mb
+        )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with autocast(self.device, t.precision):
+            metrics = backward_over_tasks(batch, backward)
         metrics = distributed.average_gradients_(self.learner, metrics)
         bad = self.nonfinite(metrics)
         if bad is None:

@@ -105,6 +105,11 @@ class ADML(MAML):
         )
         self.hparams.update(attack=attack, epsilon=epsilon, attack_steps=attack_steps)
 
+    def splits_by_task(self) -> bool:
+        """FGSM: yes (every task is attacked on its own). PGD: no, its random starts are drawn for
+        the whole batch at once, so chunks would draw different ones."""
+        return self.hparams["attack"] == "fgsm"
+
     def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Detached adversarial images ``[T, n, C, H, W]`` for images ``x`` ``[T, n, C, H, W]`` with
         labels ``y`` ``[T, n]``, against f_θ at the current θ (each task its own batch-norm batch)."""

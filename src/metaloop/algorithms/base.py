@@ -41,7 +41,8 @@ class MetaLearner(nn.Module, ABC):
     """Base class of every learner.
 
     Subclasses implement :meth:`meta_loss` (training) and :meth:`adapt` (prediction);
-    :meth:`predict` has a per-task default that batched learners override.
+    :meth:`predict` has a per-task default that batched learners override. Training calls
+    :meth:`meta_backward`, which by default is ``meta_loss`` then ``backward()``.
     The constructor arguments a learner needs are recorded in ``self.hparams`` so that a
     checkpoint can rebuild it.
 
@@ -170,6 +171,26 @@ class MetaLearner(nn.Module, ABC):
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Outer-loop loss averaged over the tasks of ``batch``, and metrics to log
         (at least ``"loss"``; ``"accuracy"`` for classification)."""
+
+    def meta_backward(
+        self,
+        batch: TaskBatch,
+        scale: float = 1.0,
+        max_task_chunk: int | None = None,
+        memory_budget_mb: float | None = None,
+    ) -> dict[str, float]:
+        """Add ``scale`` × ∇ :meth:`meta_loss` to ``.grad`` of every parameter; return its metrics.
+
+        This default holds the whole batch's graph until one ``backward()``; learners whose loss
+        is a mean of independent per-task terms override it to go through the tasks a chunk at a
+        time (at most ``max_task_chunk`` tasks, or what fits ``memory_budget_mb``; ``None``: the
+        learner's choice), so memory does not grow with the batch. The backward pass runs with
+        autocast off, as it would outside the forward's ``torch.autocast`` block.
+        """
+        loss, metrics = self.meta_loss(batch)
+        with torch.autocast(batch.support_x.device.type, enabled=False):
+            (loss * scale).backward()
+        return metrics
 
     @abstractmethod
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:

@@ -18,8 +18,8 @@ statistics updated in place inside a differentiated inner loop would break its b
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +28,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaloop.algorithms.base import MetaLearner, Predictor, most_ways
+from metaloop.algorithms.execution import chunk_size, device_key, graph_bytes
 from metaloop.config import Config
 from metaloop.inner import (
     STRATEGIES,
@@ -38,7 +39,9 @@ from metaloop.inner import (
     choose_strategy,
     cross_entropy_per_task,
     detach_step_size,
+    fastest_strategy,
     mse_per_task,
+    remembered_strategy,
 )
 from metaloop.nn.backbones import BUILTIN, adaptable_backbone, check_backbone_name, object_spec, probe
 from metaloop.nn.task_norm import swap_norms, vmap_refusal
@@ -47,6 +50,7 @@ from metaloop.tasks.source import TaskSource
 
 # hyper-parameters without a default for some networks: the user must choose them
 REQUIRED = ("inner_lr", "num_context_params")
+TRIAL_TASKS = 2  # tasks each strategy runs when "auto" measures them (one untimed run, one timed)
 
 
 def network_problem(
@@ -139,6 +143,10 @@ class GradientLearner(MetaLearner):
                 f"backbone 'mlp' is for regression (one output): ways must be 0, got {resolved['ways']}"
             )
         super().__init__(**resolved)
+        self._trial: str | None = None  # a strategy forced while measuring or running chunks
+        # gradient checkpointing of the inner steps while meta-training (speed and memory, not results)
+        self.checkpoint_inner_steps = False
+        self._graph_bytes: dict[str, int] = {}
         self.loss = cross_entropy_per_task if self.task_type == "classification" else mse_per_task
 
     # ----- what the learner declares --------------------------------------------------------------
@@ -236,9 +244,24 @@ class GradientLearner(MetaLearner):
         """``(forward, θ, α)`` for :meth:`InnerLoop.run`. With ``meta=False`` (test time) θ and
         α must be cut from the graph."""
 
-    def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """What the inner loop's ``forward`` takes, from the batch's inputs ``[T, n, ...]``."""
+    def inner_inputs(self, x: torch.Tensor, strategy: str = "loop") -> torch.Tensor:
+        """What the inner loop's ``forward`` takes, from the batch's inputs ``[T, n, ...]``
+        (computed as ``strategy`` says, where that matters)."""
         return x
+
+    def splits_by_task(self) -> bool:
+        """Whether :meth:`meta_loss` is a mean of independent per-task terms, so a batch may be
+        split into chunks with the same result. Learners whose tasks interact override it."""
+        return True
+
+    def candidate_strategies(self) -> tuple[str, ...]:
+        """The strategies that compute this learner's function exactly, in order of preference
+        (``"auto"`` measures them). Every built-in backbone runs under all three; checkpointed
+        inner steps exclude ``"vmap"``; a user's network runs ``"loop"`` (``"batched"`` needs the
+        built-in functional backbones, and ``"vmap"`` is exact only for some layers)."""
+        if not self.functional:
+            return ("loop",)
+        return tuple(s for s in STRATEGIES if not (self.checkpoint_inner_steps and s == "vmap"))
 
     # ----- shared machinery ---------------------------------------------------------------------
     def strategy(self, device: torch.device) -> str:
@@ -250,10 +273,122 @@ class GradientLearner(MetaLearner):
             return "loop" if strategy == "auto" else strategy
         return choose_strategy(strategy, device, self.hparams["backbone"] != "mlp")
 
-    def inner_loop(self, meta: bool, device: torch.device) -> InnerLoop:
+    def strategy_key(self, support_x: torch.Tensor, query_x: torch.Tensor, meta: bool) -> str:
+        """What the fastest strategy depends on: device, learner and network, task shapes, steps."""
+        network = ",".join(f"{n}{tuple(p.shape)}" for n, p in self.named_parameters())
+        steps = self.hparams["inner_steps" if meta else "eval_inner_steps"]
+        shapes = f"{tuple(support_x.shape[1:])}/{tuple(query_x.shape[1:])}/{support_x.dtype}"
+        return (
+            f"{device_key(support_x.device)}|torch {torch.__version__}|{self.name}|{type(self.net).__name__}"
+            f"|{network}|{shapes}|steps {steps}|first_order {self.hparams.get('first_order')}|meta {meta}"
+            f"|checkpoint {self.checkpoint_inner_steps}"
+        )
+
+    def active_strategy(self, support_x: torch.Tensor, query_x: torch.Tensor, meta: bool) -> str:
+        """The strategy to run now: configured, forced by a measurement in progress, measured
+        earlier for this key (``"auto"``), or by rule."""
+        if self._trial is not None:
+            return self._trial
+        if self.hparams["strategy"] != "auto":
+            return str(self.hparams["strategy"])
+        measured = remembered_strategy(self.strategy_key(support_x, query_x, meta))
+        return measured or self.strategy(support_x.device)
+
+    @contextmanager
+    def _forced(self, strategy: str) -> Iterator[None]:
+        self._trial = strategy
+        try:
+            yield
+        finally:
+            self._trial = None
+
+    def measure_strategy(self, batch: TaskBatch, meta: bool, max_task_chunk: int | None = None) -> str:
+        """For ``strategy="auto"``: time each candidate on (a chunk of) ``batch`` and remember the
+        fastest for this key (:func:`metaloop.inner.fastest_strategy`). Training (``meta``) times the
+        meta-loss and its gradient with ``torch.autograd.grad`` (no ``.grad`` is touched); test time
+        times :meth:`run_inner`. The global RNG and every buffer are restored afterwards."""
+        candidates = self.candidate_strategies()
+        if self.hparams["strategy"] != "auto" or len(candidates) == 1:
+            return self.active_strategy(batch.support_x, batch.query_x, meta)
+        key = self.strategy_key(batch.support_x, batch.query_x, meta)
+        remembered = remembered_strategy(key)
+        if remembered in candidates:
+            return remembered
+        task_bytes = self.task_graph_bytes(batch) if meta else None
+        # the same few tasks for every candidate: at most one chunk, and at most TRIAL_TASKS
+        size = max(chunk_size(s, batch.num_tasks, max_task_chunk, task_bytes, None) for s in candidates)
+        size = min(size, TRIAL_TASKS)
+        part = batch.slice(0, size)
+        weights = [p for p in self.parameters() if p.requires_grad]
+        buffers = {name: b.clone() for name, b in self.named_buffers()}
+        devices = [part.support_x.device] if part.support_x.device.type == "cuda" else []
+
+        def step(strategy: str) -> None:
+            with self._forced(strategy), torch.random.fork_rng(devices=devices):
+                if not meta:
+                    with torch.no_grad():
+                        steps = int(self.hparams["eval_inner_steps"])
+                        self.run_inner(part.support_x, part.support_y, part.query_x, steps, meta=False)
+                    return
+                chunk = chunk_size(strategy, size, max_task_chunk, task_bytes, None)
+                for start in range(0, size, chunk):
+                    loss, _ = self.meta_loss(part.slice(start, start + chunk))
+                    if loss.requires_grad:
+                        torch.autograd.grad(loss, weights, allow_unused=True)
+            with torch.no_grad():
+                for name, b in self.named_buffers():
+                    b.copy_(buffers[name])
+
+        return fastest_strategy(key, candidates, step, repeats=1)
+
+    def task_graph_bytes(self, batch: TaskBatch) -> int:
+        """Bytes one task's meta-loss graph saves for backward (the first task, strategy ``loop``)."""
+        key = "bytes|" + self.strategy_key(batch.support_x, batch.query_x, True)
+        if key not in self._graph_bytes:
+            devices = [batch.support_x.device] if batch.support_x.device.type == "cuda" else []
+            buffers = {name: b.clone() for name, b in self.named_buffers()}
+            with self._forced("loop"), torch.random.fork_rng(devices=devices):
+                _, self._graph_bytes[key] = graph_bytes(lambda: self.meta_loss(batch.task(0)))
+            with torch.no_grad():
+                for name, b in self.named_buffers():
+                    b.copy_(buffers[name])
+        return self._graph_bytes[key]
+
+    def meta_backward(
+        self,
+        batch: TaskBatch,
+        scale: float = 1.0,
+        max_task_chunk: int | None = None,
+        memory_budget_mb: float | None = None,
+    ) -> dict[str, float]:
+        """Add ``scale`` × ∇ :meth:`meta_loss` to ``.grad``, a chunk of tasks at a time: ``"loop"``
+        one task at a time, ``"batched"``/``"vmap"`` ``max_task_chunk`` tasks, or as many as fit
+        ``memory_budget_mb`` of graph (see :mod:`metaloop.algorithms.execution`). Each chunk's
+        loss is scaled by its share of the batch and back-propagated before the next chunk runs,
+        so the gradients add up, in task order, to that of the mean over all tasks. ``"auto"``
+        measures the strategies first (:meth:`measure_strategy`). Returns the batch's metrics
+        (each chunk's weighted by its share)."""
+        self.check_batch(batch)
+        strategy = self.measure_strategy(batch, meta=True, max_task_chunk=max_task_chunk)
+        if not self.splits_by_task():
+            with self._forced(strategy):
+                return super().meta_backward(batch, scale)
+        needs_bytes = strategy != "loop" and max_task_chunk is None
+        task_bytes = self.task_graph_bytes(batch) if needs_bytes else None
+        size = chunk_size(strategy, batch.num_tasks, max_task_chunk, task_bytes, memory_budget_mb)
+        metrics: dict[str, float] = {}
+        with self._forced(strategy):
+            for start in range(0, batch.num_tasks, size):
+                part = batch.slice(start, start + size)
+                share = part.num_tasks / batch.num_tasks
+                for key, value in super().meta_backward(part, scale * share).items():
+                    metrics[key] = metrics.get(key, 0.0) + share * value
+        return metrics
+
+    def inner_loop(self, meta: bool, strategy: str) -> InnerLoop:
         """Training: as configured. Test time: first order (no outer gradient is needed)."""
         first_order = not meta or bool(self.hparams["first_order"])
-        return InnerLoop(self.loss, first_order, self.strategy(device))
+        return InnerLoop(self.loss, first_order, strategy, meta and self.checkpoint_inner_steps)
 
     def check_batch(self, batch: TaskBatch) -> None:
         """Classification heads of W outputs take tasks of 2..W ways; regression takes ways = 0."""
@@ -286,8 +421,9 @@ class GradientLearner(MetaLearner):
             ways = int(support_y.max()) + 1
             if ways < (self.fixed_ways or 0):
                 forward = self.first_outputs(forward, ways)
-        inputs_s, inputs_q = self.inner_inputs(support_x), self.inner_inputs(query_x)
-        inner = self.inner_loop(meta, support_x.device)
+        strategy = self.active_strategy(support_x, query_x, meta)
+        inputs_s, inputs_q = self.inner_inputs(support_x, strategy), self.inner_inputs(query_x, strategy)
+        inner = self.inner_loop(meta, strategy)
         # attention's fused kernels have no second derivative: differentiate through plain operations
         attention = nullcontext() if inner.first_order else sdpa_kernel(SDPBackend.MATH)
         try:
@@ -321,6 +457,7 @@ class GradientLearner(MetaLearner):
         """Detached query outputs after ``eval_inner_steps`` steps: logits ``[T, W*Q, W]`` or
         predictions ``[T, Q, 1]``."""
         self.check_batch(batch)
+        self.measure_strategy(batch, meta=False)
         with torch.no_grad():
             steps = int(self.hparams["eval_inner_steps"])
             outputs, _ = self.run_inner(batch.support_x, batch.support_y, batch.query_x, steps, meta=False)

@@ -45,15 +45,15 @@ class MAML(GradientLearner):
         eval_inner_steps: K at test time, in ``predict`` and ``adapt`` (default 3 conv4, 10 mlp).
         first_order: FOMAML.
         strategy: how the tasks of a batch execute: ``"loop"``, ``"vmap"``, ``"batched"`` (the
-            same numbers; see :mod:`metaloop.inner`) or ``"auto"``, the measured fastest for
-            the batch's device (loop on CPU, batched on CUDA; loop for a user's network, which
-            ``batched`` cannot run).
+            same numbers up to float rounding; see :mod:`metaloop.inner`) or ``"auto"``, the fastest
+            as timed on the first batch of each shape (:meth:`GradientLearner.measure_strategy`);
+            ``loop`` for a user's network, which ``batched`` cannot run.
         backbone_args: keyword arguments of the backbone's factory (or of ``"resnet12"``: widths).
 
     Example:
         >>> learner = MAML(my_network, inner_lr=0.4, ways=5)        # or MAML(backbone="conv4", ...)
-        >>> loss, metrics = learner.meta_loss(batch)    # batch: a TaskBatch of 5-way tasks
-        >>> loss.backward(); optimizer.step()
+        >>> metrics = learner.meta_backward(batch)    # batch: a TaskBatch of 5-way tasks; fills .grad
+        >>> optimizer.step()
         >>> logits = learner.adapt(support_x, support_y)(query_x)   # [N, 5]
     """
 
@@ -271,8 +271,8 @@ class ANIL(MAML):
 
         return forward, params, lr
 
-    def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def inner_inputs(self, x: torch.Tensor, strategy: str = "loop") -> torch.Tensor:
         """Body features ``[T, n, hidden]`` of inputs ``[T, n, ...]`` (built-in networks), else ``x``."""
         if not self.functional:
             return x
-        return map_tasks(self.net.features, x, self.strategy(x.device))
+        return map_tasks(self.net.features, x, strategy)

@@ -141,6 +141,15 @@ class Reptile(GradientLearner):
         """Full-batch SGD steps: the shared inner loop (:class:`metaloop.inner.InnerLoop`) runs them."""
         return self.hparams["inner_optimizer"] == "sgd" and self.hparams["inner_batch_size"] is None
 
+    def splits_by_task(self) -> bool:
+        """No: the inner loop keeps no graph (nothing to save by chunking), and minibatches and
+        Adam's moments run through the whole batch in one sequence."""
+        return False
+
+    def candidate_strategies(self) -> tuple[str, ...]:
+        """Minibatch and Adam inner loops run task after task whatever the strategy."""
+        return super().candidate_strategies() if self.plain_sgd else ("loop",)
+
     def inner_problem(self, meta: bool) -> tuple[Forward, Params, StepSize]:
         """All weights, fixed α, no graph (Reptile never differentiates through the inner loop)."""
         names = [name for name, _ in self.net.named_parameters()]

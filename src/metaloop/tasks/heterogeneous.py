@@ -9,9 +9,9 @@ Unequal tasks cannot be stacked into one tensor. They are grouped by shape inste
 (:class:`TaskGroups`): each group is an ordinary :class:`TaskBatch` whose tasks all have W ways and
 S shots, so every learner runs on them unchanged, batch norm never sees a padding image, and a
 loss averaged over groups weighted by their number of tasks is the mean over tasks
-(:func:`mean_over_tasks`). ``positions`` records where each task was in the draw, so per-task
-values can be put back in draw order (:meth:`TaskGroups.scatter`), as evaluation needs for paired
-comparisons.
+(:func:`mean_over_tasks`; for gradients added group by group, :func:`backward_over_tasks`).
+``positions`` records where each task was in the draw, so per-task values can be put back in draw
+order (:meth:`TaskGroups.scatter`), as evaluation needs for paired comparisons.
 """
 
 from __future__ import annotations
@@ -75,6 +75,21 @@ def mean_over_tasks(
         for key, value in group_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + share * value
     return loss, metrics
+
+
+def backward_over_tasks(tasks: Tasks, fn: Callable[[TaskBatch, float], dict[str, float]]) -> dict[str, float]:
+    """``fn(batch, scale)`` (a meta-backward: adds ``scale`` × the gradient of the mean loss over
+    the batch's tasks, returns its metrics) over a batch, or over groups with ``scale = T_g / T``,
+    so the gradients add up to that of the mean over all tasks; metrics are weighted the same way."""
+    if isinstance(tasks, TaskBatch):
+        return fn(tasks, 1.0)
+    total = tasks.num_tasks
+    metrics: dict[str, float] = {}
+    for group in tasks.groups:
+        share = group.num_tasks / total
+        for key, value in fn(group, share).items():
+            metrics[key] = metrics.get(key, 0.0) + share * value
+    return metrics
 
 
 class MixedEpisodeSampler:

@@ -1,0 +1,104 @@
+"""One outer step of second-order MAML on the standard Conv-4, as each implementation compared in
+``benchmarks/throughput.py`` writes it. Each maker returns ``step(batch)``: meta-gradient of the
+mean query loss over the batch's tasks into ``.grad``, then an Adam step.
+
+- ``higher``: the library's MAML example (``higher.innerloop_ctx`` with a differentiable SGD,
+  ``copy_initial_weights=False``), ``backward()`` per task.
+- ``plain``: a per-task loop over ``torch.func.functional_call`` with
+  ``torch.autograd.grad(create_graph=True)`` and ``backward()`` per task.
+- ``metaloop``: :class:`metaloop.algorithms.MAML` with the standard Conv-4
+  (:class:`metaloop.nn.conv4_standard.StandardConv4`) and :meth:`meta_backward`.
+
+The peers use an ``nn.Module`` of the same architecture (``nn.BatchNorm2d`` with batch
+statistics, no running statistics; convolutions without bias).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metaloop.algorithms import MAML
+from metaloop.nn.conv4_standard import StandardConv4
+from metaloop.tasks.episodes import TaskBatch
+
+Step = Callable[[TaskBatch], None]
+
+
+def module_conv4(hidden: int, ways: int) -> nn.Module:
+    """The standard Conv-4 as plain torch modules (for the peers)."""
+    layers: list[nn.Module] = []
+    for c in (1, hidden, hidden, hidden):
+        layers += [
+            nn.Conv2d(c, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden, ways))
+
+
+def higher_step(hidden: int, ways: int, inner_lr: float, steps: int) -> Step:
+    import higher
+
+    model = module_conv4(hidden, ways)
+    meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=inner_lr)
+
+    def step(batch: TaskBatch) -> None:
+        meta_opt.zero_grad(set_to_none=True)
+        tasks = batch.num_tasks
+        for t in range(tasks):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
+                for _ in range(steps):
+                    diffopt.step(F.cross_entropy(fnet(batch.support_x[t]), batch.support_y[t]))
+                (F.cross_entropy(fnet(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
+        meta_opt.step()
+
+    return step
+
+
+def plain_step(hidden: int, ways: int, inner_lr: float, steps: int) -> Step:
+    model = module_conv4(hidden, ways)
+    meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    params = dict(model.named_parameters())
+
+    def step(batch: TaskBatch) -> None:
+        meta_opt.zero_grad(set_to_none=True)
+        tasks = batch.num_tasks
+        for t in range(tasks):
+            fast = params
+            for _ in range(steps):
+                loss = F.cross_entropy(
+                    functional_call(model, fast, (batch.support_x[t],)), batch.support_y[t]
+                )
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+                fast = {name: p - inner_lr * g for (name, p), g in zip(fast.items(), grads, strict=True)}
+            query = functional_call(model, fast, (batch.query_x[t],))
+            (F.cross_entropy(query, batch.query_y[t]) / tasks).backward()
+        meta_opt.step()
+
+    return step
+
+
+def metaloop_learner(hidden: int, ways: int, inner_lr: float, steps: int, strategy: str) -> MAML:
+    learner = MAML(hidden=hidden, ways=ways, inner_lr=inner_lr, inner_steps=steps, strategy=strategy)
+    learner.net = StandardConv4(1, hidden, ways)
+    return learner
+
+
+def metaloop_step(hidden: int, ways: int, inner_lr: float, steps: int, strategy: str) -> Step:
+    learner = metaloop_learner(hidden, ways, inner_lr, steps, strategy)
+    meta_opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+
+    def step(batch: TaskBatch) -> None:
+        meta_opt.zero_grad(set_to_none=True)
+        learner.meta_backward(batch)
+        meta_opt.step()
+
+    step.learner = learner  # type: ignore[attr-defined]  # for reporting auto's choice
+    return step
