@@ -163,6 +163,8 @@ NUMERICS_MODULES = {
     "test_inner.py",
     "test_train.py",
     "test_compare.py",
+    "test_meta_backward.py",
+    "test_user_networks.py",
 }
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from metaloop.checkpoint import load_checkpoint
@@ -45,6 +46,7 @@ def metric_lines(run_dir):
     return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
 
 
+@pytest.mark.slow  # a killed and a resumed training process: about 30 s; CI runs it (-m slow)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(train_command(image_folder, tmp_path / "whole"), check=True, env=env, capture_output=True)

@@ -427,6 +427,7 @@ def test_two_processes_train_like_one(algorithm, image_folder, one_process_runs,
     assert "accuracy" in read_logs(logs, 0) and "accuracy" not in read_logs(logs, 1)
 
 
+@pytest.mark.slow  # two torchrun launches, a kill and a resume: about 30 s; CI runs it (-m slow)
 def test_resume_under_torchrun_continues_exactly(image_folder, one_process_runs, tmp_path):
     """torchrun, 2 ranks: 10 steps, then --resume to 20, ends where 1 process's 20 steps end."""
     run_dir = tmp_path / "run"
