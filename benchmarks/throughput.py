@@ -365,20 +365,9 @@ def main() -> None:
     started = time.perf_counter()
     if args.suite == "peers":
         results = run_peers(args)
-        meta = {
-            **{
-                k: getattr(args, k)
-                for k in ("tasks", "ways", "shots", "queries", "hidden", "threads", "device")
-            },
-            **{k: getattr(args, k) for k in ("inner_lr", "warmup", "repeats", "rounds", "note")},
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            "loadavg_start": loadavg_start,
-            "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "total_seconds": round(time.perf_counter() - started, 1),
-        }
-        if args.device == "cuda":
-            meta["gpu"] = torch.cuda.get_device_name()
+        keys = ("tasks", "ways", "shots", "queries", "hidden", "threads", "device")
+        keys += ("inner_lr", "warmup", "repeats", "rounds", "note")
+        meta = run_meta(args, keys, loadavg_start, started)
         write_report(
             {"meta": meta, "results": results},
             args.out or "benchmarks/results/throughput_peers",
@@ -392,20 +381,27 @@ def main() -> None:
             {"kind": "learner", "algorithm": algorithm, "strategy": s} for s in args.strategies.split(",")
         ]
     results = [run_child(args, spec) for spec in specs]
-    meta = {
-        **{k: getattr(args, k) for k in ("tasks", "ways", "shots", "queries", "hidden", "threads", "device")},
-        **{"warmup": args.warmup, "repeats": args.repeats, "note": args.note},
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
+    keys = ("tasks", "ways", "shots", "queries", "hidden", "threads", "device", "warmup", "repeats", "note")
+    meta = run_meta(args, keys, loadavg_start, started)
+    write_report({"meta": meta, "results": results}, args.out or "benchmarks/results/throughput", markdown)
+
+
+def run_meta(args: argparse.Namespace, keys: tuple[str, ...], loadavg_start: str, started: float) -> dict:
+    """What a report records about its run: the options ``keys``, the versions, the machine and its
+    load at start and end, and the seconds the whole run took."""
+    meta = {k: getattr(args, k) for k in keys}
+    meta.update(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        loadavg_start=loadavg_start,
+        loadavg_end=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        total_seconds=round(time.perf_counter() - started, 1),
+    )
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
-    write_report({"meta": meta, "results": results}, args.out or "benchmarks/results/throughput", markdown)
+    return meta
 
 
 def write_report(report: dict, out: str, render) -> None:

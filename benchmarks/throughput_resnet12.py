@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from throughput import run_meta, write_report  # benchmarks/throughput.py, beside this script
 
 from metaloop.algorithms import build_learner
 from metaloop.allocator import keep_freed_memory
@@ -165,23 +164,8 @@ def main() -> None:
     loadavg_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     started = time.perf_counter()
     results = [run_child(args, spec) for spec in SPECS]
-    meta = {
-        **{k: getattr(args, k) for k in (*OPTIONS, "threads", "device", "note")},
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
-    if args.device == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name()
-    report = {"meta": meta, "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    meta = run_meta(args, (*OPTIONS, "threads", "device", "note"), loadavg_start, started)
+    write_report({"meta": meta, "results": results}, args.out, markdown)
 
 
 if __name__ == "__main__":
