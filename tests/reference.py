@@ -119,6 +119,40 @@ def maml_loss(
     return total / batch.num_tasks
 
 
+def maml_plus_plus_loss(
+    net: Net,
+    params: Params,
+    batch: TaskBatch,
+    lr: float | Params,
+    steps: int,
+    weights: list[float] | None,
+    first_order: bool = False,
+    step_norm: Params | None = None,
+) -> torch.Tensor:
+    """MAML++'s meta-loss written out: per task, ``steps`` SGD steps where step k uses the step
+    size ``lr`` (a float, or per parameter name a tensor ``[steps]`` indexed by k) and, for each
+    name in ``step_norm`` (tensors ``[steps, C]``), that parameter's row k instead of ``params``';
+    the query loss after step k is weighted by ``weights[k]`` (None: only the last step counts)."""
+    step_norm = step_norm or {}
+    names = [name for name in params if name not in step_norm]
+    total = 0.0
+    for t in range(batch.num_tasks):
+        adapted = {name: params[name] for name in names}
+        for k in range(steps):
+            at_k = {**adapted, **{name: rows[k] for name, rows in step_norm.items()}}
+            loss = task_loss(net(at_k, batch.support_x[t]), batch.support_y[t])
+            grads = torch.autograd.grad(loss, [adapted[n] for n in names], create_graph=not first_order)
+            adapted = {
+                name: adapted[name] - (lr[name][k] if isinstance(lr, dict) else lr) * grad
+                for name, grad in zip(names, grads, strict=True)
+            }
+            if weights is not None or k == steps - 1:
+                at_k = {**adapted, **{name: rows[k] for name, rows in step_norm.items()}}
+                query = task_loss(net(at_k, batch.query_x[t]), batch.query_y[t])
+                total = total + (1.0 if weights is None else weights[k]) * query
+    return total / batch.num_tasks
+
+
 def cavia_loss(
     net: Net,
     params: Params,

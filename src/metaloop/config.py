@@ -39,6 +39,11 @@ class AlgorithmConfig:
     inner_optimizer: str | None = None  # Reptile: sgd (full batch, Algorithm 1) | adam (the paper's code)
     inner_batch_size: int | None = None  # Reptile: support examples per inner step (default: all)
     strategy: str | None = None  # how the tasks of a meta-batch run: auto | loop | vmap | batched
+    multi_step_loss: bool | None = None  # MAML++: the query loss after every inner step, annealed (MSL)
+    msl_steps: int | None = None  # MAML++: outer steps over which the MSL weights anneal to the last step
+    per_step_lr: bool | None = None  # MAML++: a learned α per parameter tensor and inner step (LSLR)
+    per_step_bn: bool | None = None  # MAML++: batch-norm scale and shift per inner step (BNWB)
+    second_order_after: int | None = None  # MAML++: first-order outer steps before second order
     num_context_params: int | None = None  # CAVIA
     alpha_low: float | None = None  # Meta-SGD: α initialised uniformly in [alpha_low, alpha_high]
     alpha_high: float | None = None
@@ -87,6 +92,8 @@ class TrainConfig:
     optimizer: str = "adam"  # outer optimiser: adam | sgd (lr = Reptile's outer step size ε)
     lr: float = 0.001
     lr_schedule: str = "step"  # step: × lr_decay_gamma every lr_decay_every | linear: to 0 at `steps`
+    # | cosine: from lr to min_lr at `steps` along half a cosine (MAML++)
+    min_lr: float = 0.0  # the cosine schedule's last rate (MAML++: 1e-5)
     lr_decay_every: int = 2000  # steps between learning-rate decays (Snell et al.: halve every 2000)
     lr_decay_gamma: float = 0.5
     log_every: int = 50  # steps averaged into one metrics-log line

@@ -5,12 +5,18 @@ For each task i with support set (x_i, y_i), starting from the shared θ:
     θ_i^0 = θ,    θ_i^{k+1} = θ_i^k − α ⊙ ∇_θ L(f(θ_i^k, x_i), y_i)      (k = 0..K−1)
 
 α is a float, a dict of tensors per parameter tensor (per layer) or a dict of tensors the
-shape of each parameter (per element, Meta-SGD); tensors that require grad are meta-learned.
+shape of each parameter (per element, Meta-SGD); tensors that require grad are meta-learned. A
+:class:`PerStep` holds one such α per step k (α_k; MAML++'s per-layer per-step rates).
 Second order by default: the inner gradients are part of the graph, so the outer gradient
 of a query loss at θ_i^K flows through them (MAML). ``first_order=True`` treats them as
 constants (FOMAML, Reptile); the path θ -> θ_i^K (and α -> θ_i^K) stays differentiable.
 
 Nothing is stored between calls: every graph lives only as long as the tensors returned.
+
+What a network may know of the loop: :func:`current_inner_step` is k while step k computes its
+support loss and while the queries are evaluated at θ_i^{k+1} (so a network may keep per-step
+parameters, e.g. MAML++'s per-step batch norm), and ``every_step=True`` returns the query outputs
+after every step, not only the last (MAML++'s multi-step loss).
 
 Execution strategies (the same numbers, different speed and memory):
 
@@ -35,7 +41,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +57,17 @@ Forward = Callable[[Params, torch.Tensor], torch.Tensor]
 ``x`` ``[T, n, ...]`` with parameters carrying a leading ``T`` (strategy ``"batched"``)."""
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss(outputs, targets)``: the mean loss of each task, ``[]`` for one task or ``[T]``."""
-StepSize = float | torch.Tensor | Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PerStep:
+    """One step size per inner step: ``sizes[k]`` (a float, a tensor or a dict of tensors per
+    parameter name) is α_k, used by step k = 0..K−1."""
+
+    sizes: Sequence[float | torch.Tensor | Mapping[str, torch.Tensor]]
+
+
+StepSize = float | torch.Tensor | Mapping[str, torch.Tensor] | PerStep
 Gradients = Callable[[Callable[[Params], torch.Tensor], Params, bool], Params]
 """``grads(objective, params, create_graph)``: gradients of ``objective(params).sum()``."""
 
@@ -149,16 +167,50 @@ def mse_per_task(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return (predictions - targets).pow(2).flatten(-2).mean(-1)
 
 
-def step_size_for(lr: StepSize, name: str) -> float | torch.Tensor:
-    """α for the parameter ``name``: the float or tensor itself, or the dict's entry."""
+def step_size_for(lr: StepSize, name: str, step: int = 0) -> float | torch.Tensor:
+    """α for the parameter ``name`` at inner step ``step``: the float or tensor itself, or the dict's
+    entry (of ``lr.sizes[step]`` for a :class:`PerStep`)."""
+    if isinstance(lr, PerStep):
+        if step >= len(lr.sizes):
+            raise ValueError(
+                f"inner step {step} has no step size: these per-step step sizes were learned for "
+                f"{len(lr.sizes)} steps; run at most that many inner steps"
+            )
+        lr = lr.sizes[step]
     return lr[name] if isinstance(lr, Mapping) else lr
 
 
 def detach_step_size(lr: StepSize) -> StepSize:
     """α cut from the graph, for adaptation at test time."""
+    if isinstance(lr, PerStep):
+        return PerStep([detach_step_size(size) for size in lr.sizes])
     if isinstance(lr, Mapping):
         return {name: value.detach() for name, value in lr.items()}
     return lr.detach() if isinstance(lr, torch.Tensor) else lr
+
+
+_INNER_STEP: ContextVar[int] = ContextVar("metaloop_inner_step", default=0)
+
+
+def current_inner_step() -> int:
+    """The inner step k that the forward pass running now belongs to: the support pass of step k
+    (k = 0..K−1) or the query pass at the parameters step k produced; 0 outside an inner loop."""
+    return _INNER_STEP.get()
+
+
+@contextmanager
+def inner_step(step: int) -> Iterator[None]:
+    """Forward passes inside belong to inner step ``step`` (see :func:`current_inner_step`)."""
+    token = _INNER_STEP.set(step)
+    try:
+        yield
+    finally:
+        _INNER_STEP.reset(token)
+
+
+def query_step(steps: int) -> int:
+    """The inner step a query pass after ``steps`` steps belongs to: the last one taken (0 if none)."""
+    return max(steps - 1, 0)
 
 
 def _autograd_gradients(
@@ -216,23 +268,29 @@ class InnerLoop:
         y: torch.Tensor,
         steps: int,
         grads: Gradients,
-    ) -> Params:
-        """``steps`` SGD steps from ``params`` on one task (or on all tasks, batched)."""
+        every_step: bool = False,
+    ) -> list[Params]:
+        """``steps`` SGD steps from ``params`` on one task (or on all tasks, batched): the parameters
+        after each step ``[θ^1, ..., θ^K]`` with ``every_step``, else ``[θ^K]`` (``[θ^0]`` for no step)."""
         create_graph = not self.first_order
         names = list(params)
 
-        def step(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def step(k: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
             current = dict(zip(names, values, strict=True))
-            g = grads(lambda p: self.loss(forward(p, x), y), current, create_graph)
-            return tuple(current[name] - step_size_for(lr, name) * g[name] for name in names)
+            with inner_step(k):  # inside, so that a checkpoint's recomputation sees the same k
+                g = grads(lambda p: self.loss(forward(p, x), y), current, create_graph)
+            return tuple(current[name] - step_size_for(lr, name, k) * g[name] for name in names)
 
         values = tuple(params.values())
-        for _ in range(steps):
+        trajectory = [] if steps else [params]
+        for k in range(steps):
             if self.checkpoint_steps and create_graph and torch.is_grad_enabled():
-                values = checkpoint(step, *values, use_reentrant=False)
+                values = checkpoint(step, k, *values, use_reentrant=False)
             else:
-                values = step(*values)
-        return dict(zip(names, values, strict=True))
+                values = step(k, *values)
+            if every_step or k == steps - 1:
+                trajectory.append(dict(zip(names, values, strict=True)))
+        return trajectory
 
     def run(
         self,
@@ -243,6 +301,7 @@ class InnerLoop:
         support_y: torch.Tensor,
         query_x: torch.Tensor,
         steps: int,
+        every_step: bool = False,
     ) -> tuple[torch.Tensor, Params]:
         """Adapt ``params`` to each task, then apply the adapted parameters to its queries.
 
@@ -253,34 +312,60 @@ class InnerLoop:
             lr: α, see the module docstring.
             support_x: ``[T, N, ...]``; support_y: ``[T, N, ...]``; query_x: ``[T, M, ...]``.
             steps: K.
+            every_step: also evaluate the queries after every step, not only the last.
 
         Returns:
-            ``forward(θ_i^K, query_x[i])`` stacked to ``[T, M, ...]`` (differentiable with respect
-            to θ, α and whatever ``forward`` closes over), and the adapted parameters
-            ``{name: [T, *shape]}``. Adaptation runs with gradients enabled even under
-            ``torch.no_grad()``; the query pass follows the caller's grad mode.
+            ``forward(θ_i^K, query_x[i])`` stacked to ``[T, M, ...]`` (with ``every_step``: after
+            each step k = 1..K, ``[K, T, M, ...]``), differentiable with respect to θ, α and whatever
+            ``forward`` closes over; and the adapted parameters ``{name: [T, *shape]}`` after the last
+            step. Adaptation runs with gradients enabled even under ``torch.no_grad()``; the query
+            passes follow the caller's grad mode. The query pass after step k runs as inner step k
+            (:func:`current_inner_step`).
         """
+        if every_step and steps < 1:
+            raise ValueError("every_step needs at least one inner step (steps >= 1)")
+        first = 0 if every_step else query_step(steps)  # the inner step of trajectory[0]
+
+        def queries(trajectory: list[Params], qx: torch.Tensor) -> torch.Tensor:
+            outputs = []
+            for index, fast in enumerate(trajectory):
+                with inner_step(first + index):
+                    outputs.append(forward(fast, qx))
+            return torch.stack(outputs) if every_step else outputs[0]
+
         tasks = support_x.shape[0]
         if self.strategy == "loop":
             outputs, adapted = [], []
             for t in range(tasks):
                 with torch.enable_grad():
-                    fast = self._adapt_one(
-                        forward, params, lr, support_x[t], support_y[t], steps, _autograd_gradients
+                    trajectory = self._adapt_one(
+                        forward,
+                        params,
+                        lr,
+                        support_x[t],
+                        support_y[t],
+                        steps,
+                        _autograd_gradients,
+                        every_step,
                     )
-                outputs.append(forward(fast, query_x[t]))
-                adapted.append(fast)
+                outputs.append(queries(trajectory, query_x[t]))
+                adapted.append(trajectory[-1])
             stacked = {name: torch.stack([fast[name] for fast in adapted]) for name in params}
-            return torch.stack(outputs), stacked
+            return torch.stack(outputs, dim=1 if every_step else 0), stacked
         if self.strategy == "vmap":
 
             def one_task(x: torch.Tensor, y: torch.Tensor, qx: torch.Tensor) -> tuple[torch.Tensor, Params]:
                 with torch.enable_grad():
-                    fast = self._adapt_one(forward, params, lr, x, y, steps, _func_gradients)
-                return forward(fast, qx), fast
+                    trajectory = self._adapt_one(
+                        forward, params, lr, x, y, steps, _func_gradients, every_step
+                    )
+                return queries(trajectory, qx), trajectory[-1]
 
-            return torch.func.vmap(one_task)(support_x, support_y, query_x)
+            outputs, adapted = torch.func.vmap(one_task)(support_x, support_y, query_x)
+            return (outputs.transpose(0, 1) if every_step else outputs), adapted
         expanded = {name: p.expand(tasks, *p.shape) for name, p in params.items()}
         with torch.enable_grad():
-            fast = self._adapt_one(forward, expanded, lr, support_x, support_y, steps, _autograd_gradients)
-        return forward(fast, query_x), fast
+            trajectory = self._adapt_one(
+                forward, expanded, lr, support_x, support_y, steps, _autograd_gradients, every_step
+            )
+        return queries(trajectory, query_x), trajectory[-1]

@@ -8,6 +8,7 @@ from metaloop.algorithms.base import MetaLearner
 from metaloop.algorithms.baseline import TransferBaseline
 from metaloop.algorithms.cavia import CAVIA
 from metaloop.algorithms.maml import ANIL, FOMAML, MAML, MetaSGD
+from metaloop.algorithms.maml_plus_plus import MAMLPlusPlus
 from metaloop.algorithms.protonet import ProtoNet
 from metaloop.algorithms.reptile import Reptile
 from metaloop.algorithms.siamese import Siamese
@@ -17,6 +18,7 @@ LEARNERS: dict[str, type[MetaLearner]] = {
     for learner in (
         ProtoNet,
         MAML,
+        MAMLPlusPlus,
         FOMAML,
         MetaSGD,
         ANIL,
@@ -45,6 +47,7 @@ __all__ = [
     "FOMAML",
     "LEARNERS",
     "MAML",
+    "MAMLPlusPlus",
     "MetaLearner",
     "MetaSGD",
     "ProtoNet",

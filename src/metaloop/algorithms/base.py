@@ -167,6 +167,11 @@ class MetaLearner(nn.Module, ABC):
         return self
 
     # ----- learning ---------------------------------------------------------------------------------
+    def begin_outer_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer before outer step ``step`` (0-based) of ``total_steps``, for learners
+        whose meta-loss changes over training (MAML++ anneals its multi-step loss and its derivative
+        order); the default ignores it. A custom training loop calls it the same way."""
+
     @abstractmethod
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Outer-loop loss averaged over the tasks of ``batch``, and metrics to log

@@ -40,7 +40,9 @@ from metaloop.inner import (
     cross_entropy_per_task,
     detach_step_size,
     fastest_strategy,
+    inner_step,
     mse_per_task,
+    query_step,
     remembered_strategy,
 )
 from metaloop.nn.backbones import BUILTIN, adaptable_backbone, check_backbone_name, object_spec, probe
@@ -409,9 +411,16 @@ class GradientLearner(MetaLearner):
         return lambda p, x: forward(p, x)[..., :ways]
 
     def run_inner(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, steps: int, meta: bool
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        steps: int,
+        meta: bool,
+        every_step: bool = False,
     ) -> tuple[torch.Tensor, Params]:
-        """Adapted query outputs ``[T, M, K]`` and adapted parameters ``{name: [T, ...]}``.
+        """Adapted query outputs ``[T, M, K]`` (with ``every_step``: after each inner step,
+        ``[steps, T, M, K]``) and adapted parameters ``{name: [T, ...]}``.
 
         Classification tasks with fewer ways than the head (labels ``0..w-1``, all present in the
         support set) use its first w logits, so ``K = w``.
@@ -428,7 +437,7 @@ class GradientLearner(MetaLearner):
         attention = nullcontext() if inner.first_order else sdpa_kernel(SDPBackend.MATH)
         try:
             with attention:
-                return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps)
+                return inner.run(forward, params, lr, inputs_s, support_y, inputs_q, steps, every_step)
         except RuntimeError as error:
             if inner.strategy != "vmap" or self.functional:
                 raise
@@ -490,6 +499,7 @@ class GradientLearner(MetaLearner):
         ways = int(support_y.max()) + 1 if self.task_type == "classification" else None
 
         def predictor(query_x: torch.Tensor) -> torch.Tensor:
-            return functional_call(self, frozen, (fast, query_x))[..., :ways]
+            with inner_step(query_step(steps)):  # the queries' pass belongs to the last inner step
+                return functional_call(self, frozen, (fast, query_x))[..., :ways]
 
         return predictor

@@ -27,6 +27,8 @@ class ConvBlock(nn.Module):
     """Parameters of one block: ``conv`` ``[C_out, C_in, 3, 3]`` (Xavier-uniform, as in Finn's
     code), batch-norm ``scale`` ``[C_out]`` (ones) and ``shift`` ``[C_out]`` (zeros)."""
 
+    norm_parameter_names = ("scale", "shift")  # the batch norm's affine parameters (see task_norm)
+
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv = nn.Parameter(nn.init.xavier_uniform_(torch.empty(out_channels, in_channels, 3, 3)))

@@ -118,6 +118,10 @@ class FunctionalBlock(nn.Module):
     """Parameters of one block of :class:`MamlResNet12`: ``conv1..3``, ``shortcut`` (weights),
     and batch-norm ``scale1..3``, ``shortcut_scale`` (ones), ``shift1..3``, ``shortcut_shift`` (zeros)."""
 
+    norm_parameter_names = tuple(
+        f"{kind}{name}" for name in ("1", "2", "3", "_shortcut") for kind in ("scale", "shift")
+    )
+
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
 

@@ -201,3 +201,18 @@ def vmap_refusal(network: nn.Module) -> str | None:
                 "torch.func.vmap (the built-in batch and layer norms do, in torch 2.13)"
             )
     return None
+
+
+def norm_parameter_names(network: nn.Module) -> list[str]:
+    """Names (in ``network``) of its batch norms' affine parameters: those a built-in block declares in
+    ``norm_parameter_names`` (conv4, resnet12) and the weight and bias of each :class:`TaskBatchNorm`
+    (a user's network after :func:`swap_norms`), in the order of ``named_parameters``."""
+    found = set()
+    for prefix, module in network.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, TaskBatchNorm):
+            local = [name for name in ("weight", "bias") if getattr(module, name) is not None]
+        else:
+            local = list(getattr(module, "norm_parameter_names", ()))
+        found.update(dot + name for name in local)
+    return [name for name, _ in network.named_parameters() if name in found]
