@@ -37,6 +37,24 @@ def test_paired_difference_matches_a_direct_computation():
         paired_difference(torch.ones(8), torch.ones(7))
 
 
+def test_validation_steadiness_is_the_sd_of_step_to_step_changes(tmp_path):
+    from metaloop.compare import validation_steadiness
+
+    lines = [
+        {"step": 1, "train_loss": 1.0},
+        {"step": 2, "val_accuracy": 0.50},
+        {"step": 4, "val_accuracy": 0.60},
+    ]
+    lines += [{"step": 6, "val_accuracy": 0.55}, {"step": 8, "val_accuracy": 0.75}]
+    text = "\n".join(json.dumps(line) for line in lines) + '\n{"step": 9, "val_acc'  # a line cut short
+    (tmp_path / "metrics.jsonl").write_text(text)
+    changes = torch.tensor([10.0, -5.0, 20.0], dtype=torch.float64)
+    result = validation_steadiness(tmp_path)
+    assert result["validations"] == 4
+    assert result["change_sd"] == pytest.approx(changes.std().item())
+    assert validation_steadiness(tmp_path / "missing") == {"validations": 0, "change_sd": None}
+
+
 def test_cell_record_marks_learners_without_the_cell_not_applicable():
     cell, other = Cell(5, 1, 15), Cell(20, 1, 15)
     values = {

@@ -321,6 +321,26 @@ def training_cost(run_dir: Path) -> dict[str, Any]:
     return {**dict.fromkeys(keys), "source": None}
 
 
+def validation_steadiness(run_dir: Path) -> dict[str, Any]:
+    """How steady a run's meta-validation accuracy was: ``validations`` (how many lines of
+    ``metrics.jsonl``) and ``change_sd``, the standard deviation (ddof=1) of the change from one
+    validation to the next, in accuracy points (None with fewer than three validations, or no log:
+    e.g. a zoo model)."""
+    path = run_dir / "metrics.jsonl"
+    scores = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if "val_accuracy" in record:
+                scores.append(100 * float(record["val_accuracy"]))
+    changes = torch.tensor(scores, dtype=torch.float64).diff()
+    sd = float(changes.std()) if changes.numel() >= 2 else None
+    return {"validations": len(scores), "change_sd": sd}
+
+
 # ----- statistics ----------------------------------------------------------------------------------
 def summary(values: torch.Tensor) -> dict[str, float | int]:
     """``mean``, ``ci95`` (1.96·std/√n), ``std`` (ddof=1) and ``episodes`` of float ``[n]`` values."""
@@ -383,6 +403,7 @@ def episode_values(
         "best_step": best["step"],
         "hparams": best["hparams"],
         "training": training_cost(c.run_dir),
+        "validation": validation_steadiness(c.run_dir),
     }
     return described, values
 

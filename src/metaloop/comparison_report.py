@@ -134,6 +134,8 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         "best step",
         "training (s)",
         "wall-clock (s)",
+        "validations",
+        "val change sd (points)",
         "run",
     ]
     rows = []
@@ -142,8 +144,20 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         steps = "—" if cost["steps"] is None else str(cost["steps"])
         seconds = [seconds_text(cost["train_seconds"]), seconds_text(cost["wall_seconds"])]
         trained = "yes" if d["trained_here"] else "no"
+        validation = d.get("validation") or {"validations": 0, "change_sd": None}
+        steadiness = "—" if validation["change_sd"] is None else f"{validation['change_sd']:.2f}"
         rows.append(
-            [d["label"], d["algorithm"], trained, steps, str(d["best_step"]), *seconds, f"`{d['run_dir']}`"]
+            [
+                d["label"],
+                d["algorithm"],
+                trained,
+                steps,
+                str(d["best_step"]),
+                *seconds,
+                str(validation["validations"]),
+                steadiness,
+                f"`{d['run_dir']}`",
+            ]
         )
     return [
         "",
@@ -152,7 +166,9 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         *markdown_table(header, rows),
         "",
         "Training (s): time in outer steps; wall-clock (s): the whole training loop, validation and "
-        "checkpoints included (— for runs older than that record).",
+        "checkpoints included (— for runs older than that record). Val change sd: the standard deviation "
+        "of the change in meta-validation accuracy from one validation to the next, in points (smaller "
+        "is a steadier curve; — with fewer than three validations or no metrics log).",
     ]
 
 
