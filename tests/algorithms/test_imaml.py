@@ -1,6 +1,9 @@
 """iMAML: the proximal inner loop, the implicit meta-gradient against a dense float64 solve and against
 finite differences at the inner solution, and every switch live."""
 
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +20,11 @@ from reference import conv_net, imaml_gradient, imaml_query_loss, mlp_net, proxi
 
 from metaloop.algorithms import IMAML, build_learner
 from metaloop.algorithms.implicit import conjugate_gradient
-from metaloop.config import AlgorithmConfig
+from metaloop.checkpoint import load_checkpoint, save_checkpoint
+from metaloop.cli import main
+from metaloop.config import AlgorithmConfig, Config
 from metaloop.inner import InnerLoop, cross_entropy_per_task, mse_per_task
+from metaloop.learners import learner_checkpoint, learner_from_checkpoint
 from metaloop.tasks.episodes import TaskBatch
 
 LAM = 2.0
@@ -201,3 +207,72 @@ def test_defaults_recipe_keys_and_refusals():
         IMAML(lam=0.0)
     with pytest.raises(ValueError, match="cg_steps must be an int >= 0"):
         IMAML(cg_steps=-1)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    learner = build_learner("imaml", hidden=4, ways=3, lam=3.0, cg_steps=2, eval_inner_steps=2, inner_lr=0.1)
+    path = tmp_path / "imaml.pt"
+    save_checkpoint(path, learner_checkpoint(learner, Config(), step=0, val=None))
+    loaded = learner_from_checkpoint(load_checkpoint(path))
+    assert loaded.hparams == learner.hparams
+    b = batch_for("conv4")
+    batch = TaskBatch(b.support_x.float(), b.support_y, b.query_x.float(), b.query_y, b.ways)
+    assert torch.equal(loaded.predict(batch), learner.predict(batch))
+
+
+@pytest.fixture(scope="module")
+def glyph_data(tmp_path_factory):
+    """Generated glyphs in a private data folder (no download; cached under $METALOOP_CACHE when set)."""
+    data_dir = tmp_path_factory.mktemp("glyph-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METALOOP_DATA", str(data_dir))
+        if not os.environ.get("METALOOP_CACHE"):
+            mp.setenv("METALOOP_CACHE", str(data_dir / "cache"))
+        yield data_dir
+
+
+@pytest.mark.slow
+def test_learns_glyphs_and_eval_of_the_checkpoint_reproduces_it(glyph_data, tmp_path):
+    """60 outer steps on the glyph train split lift 5-way 1-shot test accuracy well above that of
+    the same network not meta-trained (measured: 42.1 ± 2.4% untrained, 51.0 ± 3.6% after training;
+    chance 20%), and ``metaloop eval`` of the saved run reproduces the training run's test result."""
+    learner = [
+        "data.name=glyphs",
+        "algorithm.name=imaml",
+        "algorithm.hidden=16",
+        "algorithm.inner_steps=5",
+        "algorithm.eval_inner_steps=5",
+        "eval.episodes=40",
+    ]
+    train = ["train.ways=5", "train.queries=3", "train.meta_batch_size=4", "train.steps=60", "train.lr=0.003"]
+    train += [
+        "train.log_every=20",
+        "train.val_every=60",
+        "train.val_episodes=20",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    args = [a for s in learner + train for a in ("--set", s)]
+    assert main(["train", "--no-progress", *args]) == 0
+    trained = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--no-progress",
+                "--json",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "t.json").read_text())["mean"] == pytest.approx(trained["mean"], abs=1e-9)
+    untrained = tmp_path / "untrained.pt"
+    assert main(["export", *(a for s in learner for a in ("--set", s)), "--out", str(untrained)]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(untrained), "--no-progress", "--json", str(tmp_path / "u.json")])
+        == 0
+    )
+    before = json.loads((tmp_path / "u.json").read_text())["mean"]
+    assert trained["mean"] > before + 0.05 and trained["mean"] > 0.4, (before, trained["mean"])
