@@ -233,3 +233,95 @@ def meta_gradient(loss: torch.Tensor, tensors: Params) -> Params:
     """∂loss/∂tensor for each named tensor."""
     grads = torch.autograd.grad(loss, list(tensors.values()))
     return dict(zip(tensors, grads, strict=True))
+
+
+def proximal_sgd(
+    net: Net, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int, lam: float
+) -> Params:
+    """φ after ``steps`` plain SGD steps on L(net(φ, x), y) + (λ/2) ||φ − θ||² from φ = θ (no graph)."""
+    theta = {name: p.detach() for name, p in params.items()}
+    phi = dict(theta)
+    for _ in range(steps):
+        leaves = {name: p.requires_grad_() for name, p in ((n, v.detach().clone()) for n, v in phi.items())}
+        loss = task_loss(net(leaves, x), y)
+        loss = loss + 0.5 * lam * sum(((leaves[n] - theta[n]) ** 2).sum() for n in leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        phi = {name: (leaves[name] - lr * g).detach() for name, g in zip(leaves, grads, strict=True)}
+    return phi
+
+
+def flat_function(
+    net: Net, params: Params, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``w -> L(net(w, x), y)`` over the parameters flattened into one vector (in dict order)."""
+    shapes = {name: p.shape for name, p in params.items()}
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        p, offset = {}, 0
+        for name, shape in shapes.items():
+            size = shape.numel()
+            p[name] = w[offset : offset + size].view(shape)
+            offset += size
+        return task_loss(net(p, x), y)
+
+    return loss
+
+
+def textbook_cg(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` iterations of conjugate gradient on the dense system a x = b from x = 0."""
+    x, r = torch.zeros_like(b), b.clone()
+    p = r.clone()
+    for _ in range(steps):
+        ap = a @ p
+        alpha = (r @ r) / (p @ ap)
+        x = x + alpha * p
+        r_next = r - alpha * ap
+        p = r_next + ((r_next @ r_next) / (r @ r)) * p
+        r = r_next
+    return x
+
+
+def imaml_gradient(
+    net: Net,
+    params: Params,
+    batch: TaskBatch,
+    lr: float,
+    steps: int,
+    lam: float,
+    cg_steps: int | None = None,
+    lam_in_solve: bool = True,
+) -> tuple[Params, torch.Tensor]:
+    """iMAML's meta-gradient (1/T) Σ_t (I + H_t/λ)^{-1} ∇L_query_t(φ_t) from the dense Hessian H_t of
+    the support loss at φ_t (:func:`proximal_sgd`), solved exactly (``cg_steps=None``, LU) or by
+    ``cg_steps`` textbook CG iterations; and the mean query loss at the φ_t. ``lam_in_solve=False``
+    is a wrong formula the tests show apart: (I + H_t)^{-1} ∇L_query_t(φ_t)."""
+    flat_total, query_loss = 0.0, 0.0
+    for t in range(batch.num_tasks):
+        phi = proximal_sgd(net, params, batch.support_x[t], batch.support_y[t], lr, steps, lam)
+        w = torch.cat([p.flatten() for p in phi.values()])
+        query = flat_function(net, phi, batch.query_x[t], batch.query_y[t])
+        w_leaf = w.clone().requires_grad_()
+        value = query(w_leaf)
+        (v,) = torch.autograd.grad(value, [w_leaf])
+        support = flat_function(net, phi, batch.support_x[t], batch.support_y[t])
+        hessian = torch.autograd.functional.hessian(support, w, vectorize=True)
+        a = torch.eye(len(w), dtype=w.dtype) + hessian / (lam if lam_in_solve else 1.0)
+        g = torch.linalg.solve(a, v) if cg_steps is None else textbook_cg(a, v, cg_steps)
+        flat_total = flat_total + g
+        query_loss = query_loss + value.detach()
+    flat, out, offset = flat_total / batch.num_tasks, {}, 0
+    for name, p in params.items():
+        out[name] = flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return out, query_loss / batch.num_tasks
+
+
+def imaml_query_loss(
+    net: Net, params: Params, batch: TaskBatch, lr: float, steps: int, lam: float
+) -> torch.Tensor:
+    """(1/T) Σ_t L_query_t(φ_t(θ)) with φ_t from :func:`proximal_sgd` (for finite differences)."""
+    total = 0.0
+    for t in range(batch.num_tasks):
+        phi = proximal_sgd(net, params, batch.support_x[t], batch.support_y[t], lr, steps, lam)
+        total = total + task_loss(net(phi, batch.query_x[t]), batch.query_y[t])
+    return total / batch.num_tasks

@@ -47,6 +47,8 @@ class AlgorithmConfig:
     num_context_params: int | None = None  # CAVIA
     alpha_low: float | None = None  # Meta-SGD: α initialised uniformly in [alpha_low, alpha_high]
     alpha_high: float | None = None
+    lam: float | None = None  # iMAML: λ of the proximal term (λ/2)||φ − θ||² of each task's inner problem
+    cg_steps: int | None = None  # iMAML: conjugate-gradient steps of the implicit gradient (0: first order)
     attack: str | None = None  # ADML: fgsm | pgd, how its adversarial support and query images are made
     epsilon: float | None = None  # ADML: L-infinity radius of that attack, pixel units of [0, 1] images
     attack_steps: int | None = None  # ADML with attack: pgd, the attack's steps

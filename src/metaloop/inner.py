@@ -11,6 +11,12 @@ Second order by default: the inner gradients are part of the graph, so the outer
 of a query loss at θ_i^K flows through them (MAML). ``first_order=True`` treats them as
 constants (FOMAML, Reptile); the path θ -> θ_i^K (and α -> θ_i^K) stays differentiable.
 
+Proximal term (iMAML, Rajeswaran et al. 2019, arXiv:1909.04630): with ``proximal = λ > 0`` each
+task's support objective gains (λ/2) ||θ_i^k − θ̄||², θ̄ = the parameters the adaptation started
+from, detached (a constant of the inner problem), summed over every adapted tensor of the task:
+
+    θ_i^{k+1} = θ_i^k − α ⊙ (∇_θ L(f(θ_i^k, x_i), y_i) + λ (θ_i^k − θ̄))
+
 Nothing is stored between calls: every graph lives only as long as the tensors returned.
 
 What a network may know of the loop: :func:`current_inner_step` is k while step k computes its
@@ -243,12 +249,15 @@ class InnerLoop:
             ``"batched"``): each step keeps only its input parameters and is recomputed during the
             backward pass, so the graph held no longer grows with the number of steps, for about
             one more forward and inner-gradient computation per step.
+        proximal: λ of the proximal term (λ/2) ||θ_i − θ̄||² added to each task's support
+            objective (see the module docstring); 0 (the default) adds nothing.
     """
 
     loss: TaskLoss
     first_order: bool = False
     strategy: str = "loop"
     checkpoint_steps: bool = False
+    proximal: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -274,11 +283,20 @@ class InnerLoop:
         after each step ``[θ^1, ..., θ^K]`` with ``every_step``, else ``[θ^K]`` (``[θ^0]`` for no step)."""
         create_graph = not self.first_order
         names = list(params)
+        start = {name: p.detach() for name, p in params.items()}  # θ̄ of the proximal term
+
+        def objective(p: Params) -> torch.Tensor:
+            losses = self.loss(forward(p, x), y)  # [] for one task, [T] batched
+            if not self.proximal:
+                return losses
+            # (λ/2) ||p − θ̄||² per task: the parameters' leading dimensions are the losses' (tasks)
+            squares = sum((p[n] - start[n]).pow(2).flatten(losses.dim()).sum(-1) for n in names)
+            return losses + 0.5 * self.proximal * squares
 
         def step(k: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
             current = dict(zip(names, values, strict=True))
             with inner_step(k):  # inside, so that a checkpoint's recomputation sees the same k
-                g = grads(lambda p: self.loss(forward(p, x), y), current, create_graph)
+                g = grads(objective, current, create_graph)
             return tuple(current[name] - step_size_for(lr, name, k) * g[name] for name in names)
 
         values = tuple(params.values())

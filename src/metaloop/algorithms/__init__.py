@@ -7,6 +7,7 @@ from metaloop.algorithms.attention import AttentiveLearner
 from metaloop.algorithms.base import MetaLearner
 from metaloop.algorithms.baseline import TransferBaseline
 from metaloop.algorithms.cavia import CAVIA
+from metaloop.algorithms.imaml import IMAML
 from metaloop.algorithms.maml import ANIL, FOMAML, MAML, MetaSGD
 from metaloop.algorithms.maml_plus_plus import MAMLPlusPlus
 from metaloop.algorithms.protonet import ProtoNet
@@ -28,6 +29,7 @@ LEARNERS: dict[str, type[MetaLearner]] = {
         Siamese,
         ADML,
         AttentiveLearner,
+        IMAML,
     )
 }
 
@@ -45,6 +47,7 @@ __all__ = [
     "AttentiveLearner",
     "CAVIA",
     "FOMAML",
+    "IMAML",
     "LEARNERS",
     "MAML",
     "MAMLPlusPlus",

@@ -25,6 +25,8 @@ With θ the network's initial weights, γ_k the step-k batch-norm parameters, w_
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -189,7 +191,7 @@ class MAMLPlusPlus(MAML):
         """As MAML's, first order during the first ``second_order_after`` outer steps."""
         inner = super().inner_loop(meta, strategy)
         if meta and self.outer_step < int(self.hparams["second_order_after"]):
-            return InnerLoop(inner.loss, True, inner.strategy, inner.checkpoint_steps)
+            return replace(inner, first_order=True)
         return inner
 
     # ----- the inner problem ----------------------------------------------------------------------
