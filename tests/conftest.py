@@ -153,6 +153,29 @@ def strategy_cache(tmp_path_factory: pytest.TempPathFactory):
     patch.undo()
 
 
+@pytest.fixture(autouse=True)
+def learning_curve_laid_out_not_encoded(request, monkeypatch):
+    """``metaloop train`` ends by drawing its learning curve as PNG and SVG, which costs seconds (more than
+    a tiny run's training) and, as it never raises, checks nothing there. In tests it builds and lays
+    out the same figure instead, raising on any error, without encoding the two files; tests of the
+    files themselves (test_report.py) are marked ``real_learning_curve``; runs in a subprocess
+    (test_distributed.py, test_crash_resume.py, ...) draw them as ever."""
+    if request.node.get_closest_marker("real_learning_curve"):
+        return
+    import metaloop.cli
+
+    def lay_out(run_dir: Path) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        from metaloop.report import learning_curves_figure
+
+        figure = learning_curves_figure({run_dir.name: run_dir})
+        FigureCanvasAgg(figure)
+        figure.draw_without_rendering()  # every artist laid out and drawn, as save_figure does first
+
+    monkeypatch.setattr(metaloop.cli, "_draw_learning_curve", lay_out)
+
+
 # Tests whose outcome depends on floating-point details (precision, determinism, resume, gradient
 # references, distributed equality): CI runs them again under lowered CPU kernels
 # (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), so that a kernel-dependent test fails here first.
