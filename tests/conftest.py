@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -135,6 +136,42 @@ def omniglot_first_load(omniglot_data_dir: Path, omniglot_cache_dir: Path) -> di
     seconds = time.perf_counter() - start
     after = sorted(p.name for p in omniglot_cache_dir.iterdir())
     return {"dataset": ds, "seconds": seconds, "cache_before": before, "cache_after": after}
+
+
+@pytest.fixture(scope="session")
+def generated_glyphs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ClassImages, Path]:
+    """The glyph "all" set (28x28, 20 per class, seed 0) generated once in this session (~10 s of CPU)
+    with no METALOOP_CACHE, and the cache file ``load_glyphs`` wrote for it beside its data folder."""
+    from metaloop.data.glyphs import load_glyphs
+
+    data_dir = tmp_path_factory.mktemp("glyphs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("METALOOP_CACHE", raising=False)
+        dataset = load_glyphs("all", data_dir=data_dir)
+    (cache_file,) = (data_dir / "cache").glob("glyphs-*.pt")
+    return dataset, cache_file
+
+
+@pytest.fixture(scope="session")
+def seed_glyph_cache(generated_glyphs):
+    """``seed(cache_dir=None)``: put the session's generated glyphs into ``cache_dir`` (default: the
+    METALOOP_CACHE of the environment, if any) unless a file of that name is there, so that a test
+    reads them (the cache path, which test_glyphs.py checks) instead of generating them again."""
+    cache_file = generated_glyphs[1]
+
+    def seed(cache_dir: Path | None = None) -> None:
+        if cache_dir is None:
+            if not os.environ.get("METALOOP_CACHE"):
+                return
+            cache_dir = Path(os.environ["METALOOP_CACHE"]).expanduser()
+        target = Path(cache_dir) / cache_file.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            shutil.copyfile(cache_file, partial)
+            os.replace(partial, target)
+
+    return seed
 
 
 @pytest.fixture(autouse=True, scope="session")
