@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -137,6 +138,42 @@ def omniglot_first_load(omniglot_data_dir: Path, omniglot_cache_dir: Path) -> di
     return {"dataset": ds, "seconds": seconds, "cache_before": before, "cache_after": after}
 
 
+@pytest.fixture(scope="session")
+def generated_glyphs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ClassImages, Path]:
+    """The glyph "all" set (28x28, 20 per class, seed 0) generated once in this session (~10 s of CPU)
+    with no METALOOP_CACHE, and the cache file ``load_glyphs`` wrote for it beside its data folder."""
+    from metaloop.data.glyphs import load_glyphs
+
+    data_dir = tmp_path_factory.mktemp("glyphs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("METALOOP_CACHE", raising=False)
+        dataset = load_glyphs("all", data_dir=data_dir)
+    (cache_file,) = (data_dir / "cache").glob("glyphs-*.pt")
+    return dataset, cache_file
+
+
+@pytest.fixture(scope="session")
+def seed_glyph_cache(generated_glyphs):
+    """``seed(cache_dir=None)``: put the session's generated glyphs into ``cache_dir`` (default: the
+    METALOOP_CACHE of the environment, if any) unless a file of that name is there, so that a test
+    reads them (the cache path, which test_glyphs.py checks) instead of generating them again."""
+    cache_file = generated_glyphs[1]
+
+    def seed(cache_dir: Path | None = None) -> None:
+        if cache_dir is None:
+            if not os.environ.get("METALOOP_CACHE"):
+                return
+            cache_dir = Path(os.environ["METALOOP_CACHE"]).expanduser()
+        target = Path(cache_dir) / cache_file.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            shutil.copyfile(cache_file, partial)
+            os.replace(partial, target)
+
+    return seed
+
+
 @pytest.fixture(autouse=True, scope="session")
 def strategy_cache(tmp_path_factory: pytest.TempPathFactory):
     """``strategy="auto"`` remembers its measured choices in ``strategies.json``: in this test session
@@ -151,6 +188,29 @@ def strategy_cache(tmp_path_factory: pytest.TempPathFactory):
     patch.setattr(metaloop.inner, "strategy_cache_path", lambda: path)
     yield
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def learning_curve_laid_out_not_encoded(request, monkeypatch):
+    """``metaloop train`` ends by drawing its learning curve as PNG and SVG, which costs seconds (more than
+    a tiny run's training) and, as it never raises, checks nothing there. In tests it builds and lays
+    out the same figure instead, raising on any error, without encoding the two files; tests of the
+    files themselves (test_report.py) are marked ``real_learning_curve``; runs in a subprocess
+    (test_distributed.py, test_crash_resume.py, ...) draw them as ever."""
+    if request.node.get_closest_marker("real_learning_curve"):
+        return
+    import metaloop.cli
+
+    def lay_out(run_dir: Path) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        from metaloop.report import learning_curves_figure
+
+        figure = learning_curves_figure({run_dir.name: run_dir})
+        FigureCanvasAgg(figure)
+        figure.draw_without_rendering()  # every artist laid out and drawn, as save_figure does first
+
+    monkeypatch.setattr(metaloop.cli, "_draw_learning_curve", lay_out)
 
 
 # Tests whose outcome depends on floating-point details (precision, determinism, resume, gradient

@@ -127,8 +127,36 @@ for name in ("replace", "rename", "mkdir", "makedirs", "unlink", "remove"):
             return real(path, *args, **kwargs)
         return guarded
     setattr(os, name, make(getattr(os, name)))
-sys.argv[0] = "metaloop"
-runpy.run_module("metaloop", run_name="__main__")
+if sys.argv[1] == "-c":  # a script, as in `python -c SCRIPT ARGS...`
+    sys.argv.pop(1)
+    exec(compile(sys.argv.pop(1), "<guarded>", "exec"), {"__name__": "__main__"})
+else:
+    sys.argv[0] = "metaloop"
+    runpy.run_module("metaloop", run_name="__main__")
+"""
+
+# `python -c SEQUENCE '[argv, ...]'`: one rank's `metaloop` commands, one after another, in one process
+# group that this process joins (and the commands then use, see metaloop.distributed.process_group),
+# so that several runs pay the start of Python and torch once; each command's output (stdout) starts
+# with a line "== algorithm.name=<learner>". Each runs as metaloop.cli.main does, which under a
+# launcher then leaves the process (os._exit, as the tests that start `python -m metaloop` check).
+SEQUENCE = """
+import json, os, sys
+from metaloop import cli, distributed
+from metaloop.allocator import keep_freed_memory
+code = 0
+with distributed.process_group("cpu", 60):
+    for argv in json.loads(sys.argv[1]):
+        print("== " + next(a for a in argv if a.startswith("algorithm.name=")), flush=True)
+        args = cli.build_parser().parse_args(argv)
+        keep_freed_memory()
+        cli.log_to_console()
+        code = cli.run_command(args.handler, args)
+        if code:
+            break
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
 """
 
 
@@ -137,6 +165,7 @@ def metaloop_command(args: list[str]) -> list[str]:
 
 
 def guarded_command(run_dir: Path, args: list[str]) -> list[str]:
+    """``python -m metaloop ARGS`` under the guard; ``-c SCRIPT ...`` runs ``python -c SCRIPT ...``."""
     return [sys.executable, "-c", GUARD, str(run_dir), *args]
 
 
@@ -224,6 +253,28 @@ def one_process_runs(image_folder, tmp_path_factory):
         return made[algorithm]
 
     return get
+
+
+TWO_PROCESS_LEARNERS = ("maml", "protonet", "reptile", "baseline", "attention")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(image_folder, tmp_path_factory):
+    """``(learner -> run folder, learner -> (rank 0 output, rank 1 output))`` of the runs of 2 ranks,
+    one after another in one launch (:data:`SEQUENCE`), rank 1 under the guard for all their folders."""
+    root, logs = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("two-logs")
+    runs = {name: root / name for name in TWO_PROCESS_LEARNERS}
+    commands = [train_args(tiny_sets(image_folder, runs[n], n, *EXTRA[n])) for n in TWO_PROCESS_LEARNERS]
+    script = ["-c", SEQUENCE, json.dumps(commands)]
+    processes = launch([[sys.executable, *script], guarded_command(root, script)], logs)
+    assert wait_all(processes, logs, timeout=600) == [0, 0], read_logs(logs, 0) + read_logs(logs, 1)
+    outputs = {}
+    for r in range(WORLD):
+        parts = re.split(r"^== algorithm\.name=(\w+)\n", (logs / f"rank{r}.out").read_text(), flags=re.M)
+        assert parts[1::2] == list(TWO_PROCESS_LEARNERS), read_logs(logs, r)
+        err = (logs / f"rank{r}.err").read_text()  # each learner's stdout part, then the whole stderr
+        outputs[r] = {name: out + err for name, out in zip(parts[1::2], parts[2::2], strict=True)}
+    return runs, {n: (outputs[0][n], outputs[1][n]) for n in TWO_PROCESS_LEARNERS}
 
 
 def model_differences(a: Path, b: Path) -> dict[str, float]:
@@ -383,16 +434,13 @@ def test_sharded_meta_gradients_equal_the_full_batch_gradient(tmp_path):
         assert result["scale"] > 1e-4, (case, result)  # a gradient that is there to compare
 
 
-def test_the_model_based_learner_trains_in_step_on_two_processes(image_folder, one_process_runs, tmp_path):
+def test_the_model_based_learner_trains_in_step_on_two_processes(one_process_runs, two_process_runs):
     """The attention learner under torchrun: the same model as 1 process up to float32 rounding,
     which its softmax attention amplifies. Measured here: the train loss of 1 vs 2 processes differs
     by 6e-8 at step 1 and grows smoothly to 7e-6 by step 20 (no jump: nothing is computed
     differently), the largest parameter difference is ~5e-4. A sharding or averaging error would
     show at step 1 and move parameters by up to 20 steps x lr = 2e-2."""
-    run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    args = train_args(tiny_sets(image_folder, run_dir, "attention", *EXTRA["attention"]))
-    processes = launch([metaloop_command(args), guarded_command(run_dir, args)], logs)
-    assert wait_all(processes, logs) == [0, 0], read_logs(logs, 0) + read_logs(logs, 1)
+    run_dir = two_process_runs[0]["attention"]
     differences = model_differences(one_process_runs("attention") / "last.pt", run_dir / "last.pt")
     assert max(differences.values()) < 3e-3, differences
     first = [r for r in metric_records(run_dir) if "train_loss" in r][0]
@@ -401,14 +449,11 @@ def test_the_model_based_learner_trains_in_step_on_two_processes(image_folder, o
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "protonet", "reptile", "baseline"])
-def test_two_processes_train_like_one(algorithm, image_folder, one_process_runs, tmp_path):
+def test_two_processes_train_like_one(algorithm, one_process_runs, two_process_runs):
     """20 outer steps of 4 tasks on 2 ranks (2 tasks each) end with the parameters of 1 process
     on all 4 tasks; rank 1 writes nothing, the log has no duplicate lines and equals the
     1-process log; sharded validation and test give the 1-process numbers."""
-    run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    args = train_args(tiny_sets(image_folder, run_dir, algorithm, *EXTRA[algorithm]))
-    processes = launch([metaloop_command(args), guarded_command(run_dir, args)], logs)
-    assert wait_all(processes, logs) == [0, 0], read_logs(logs, 0) + read_logs(logs, 1)
+    run_dir, (output_0, output_1) = two_process_runs[0][algorithm], two_process_runs[1][algorithm]
     one = one_process_runs(algorithm)
 
     differences = model_differences(one / "last.pt", run_dir / "last.pt")
@@ -424,7 +469,7 @@ def test_two_processes_train_like_one(algorithm, image_folder, one_process_runs,
     result_two = json.loads((run_dir / "result.json").read_text())
     assert result_two["episodes"] == 20 and result_two["mean"] == pytest.approx(result_one["mean"], abs=1e-9)
     # both ranks printed the same result, only rank 0 wrote it
-    assert "accuracy" in read_logs(logs, 0) and "accuracy" not in read_logs(logs, 1)
+    assert "accuracy" in output_0 and "accuracy" not in output_1
 
 
 @pytest.mark.slow  # two torchrun launches, a kill and a resume: about 30 s; CI runs it (-m slow)

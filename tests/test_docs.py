@@ -166,9 +166,12 @@ def _cheaper(argv: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def glyph_data(tmp_path_factory) -> Path:
-    """One METALOOP_DATA for the blocks that use the glyphs: generated (seconds) once, then cached."""
-    return tmp_path_factory.mktemp("glyph-data")
+def glyph_data(tmp_path_factory, seed_glyph_cache) -> Path:
+    """One METALOOP_DATA for the blocks that use the glyphs, its cache (METALOOP_CACHE if set) holding
+    the session's generated set (tests/conftest.py)."""
+    data_dir = tmp_path_factory.mktemp("glyph-data")
+    seed_glyph_cache(None if os.environ.get("METALOOP_CACHE") else data_dir / "cache")
+    return data_dir
 
 
 @pytest.fixture(scope="module")

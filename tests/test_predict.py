@@ -31,9 +31,10 @@ def read_csv(path):
 
 
 @pytest.fixture(scope="module")
-def glyph_data(tmp_path_factory):
-    """Generated glyphs in a private data folder (no download; about 5-10 s once)."""
+def glyph_data(tmp_path_factory, seed_glyph_cache):
+    """Glyphs in a private data folder (no download), read from its cache (the session's generated set)."""
     data_dir = tmp_path_factory.mktemp("glyph-data")
+    seed_glyph_cache(data_dir / "cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("METALOOP_DATA", str(data_dir))
         mp.setenv("METALOOP_CACHE", str(data_dir / "cache"))

@@ -39,9 +39,10 @@ def as_args(sets):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, seed_glyph_cache):
     """An :class:`Encoder` and a linear head trained as an ordinary classifier of 50 glyph train
     classes (150 Adam steps of 64 images); the encoder's state dict saved to a file."""
+    seed_glyph_cache()  # the session's generated glyphs in METALOOP_CACHE, if one is set
     train = load_dataset("glyphs", "train", image_size=28)
     classes = list(range(50))
     images = torch.cat([train.class_images(k) for k in classes]).float() / 255

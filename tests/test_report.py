@@ -27,6 +27,8 @@ from metaloop.report import (
 )
 from metaloop.tasks.episodes import EpisodeSampler, TaskBatch
 
+pytestmark = pytest.mark.real_learning_curve  # metaloop train writes the real files here
+
 
 def assert_plot(stem, min_colours=20):
     """``stem.png`` is a PNG with real content and ``stem.svg`` well-formed SVG with many elements; no

@@ -15,15 +15,13 @@ def _no_cache_override(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def glyph_dir(tmp_path_factory: pytest.TempPathFactory):
-    return tmp_path_factory.mktemp("glyphs")
+def glyph_dir(generated_glyphs):
+    return generated_glyphs[1].parent.parent  # the data folder whose cache holds the generated set
 
 
 @pytest.fixture(scope="module")
-def all_set(glyph_dir):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("METALOOP_CACHE", raising=False)
-        return load_glyphs("all", data_dir=glyph_dir)  # generated once, cached for the split tests
+def all_set(generated_glyphs):
+    return generated_glyphs[0]  # load_glyphs("all", data_dir=glyph_dir), generated there (conftest.py)
 
 
 @pytest.fixture(scope="module")
