@@ -136,7 +136,9 @@ def test_adapted_predictor_gives_input_gradients_and_no_parameter_gradients(name
     logits = predictor(x)
     assert torch.allclose(logits, plain, atol=1e-5)
     loss = F.cross_entropy(logits, query_y)
-    parameters = list(learner.parameters())
+    # every parameter the learner trains (MAML++ keeps its network's own batch-norm affine parameters
+    # frozen, replaced by per-step copies: those cannot receive a gradient at all)
+    parameters = [p for p in learner.parameters() if p.requires_grad]
     input_grad, *parameter_grads = torch.autograd.grad(loss, [x, *parameters], allow_unused=True)
     assert input_grad.abs().max() > 0
     assert all(g is None for g in parameter_grads), "the predictor must not reach the parameters"
