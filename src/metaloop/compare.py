@@ -326,16 +326,12 @@ def validation_steadiness(run_dir: Path) -> dict[str, Any]:
     ``metrics.jsonl``) and ``change_sd``, the standard deviation (ddof=1) of the change from one
     validation to the next, in accuracy points (None with fewer than three validations, or no log:
     e.g. a zoo model)."""
-    path = run_dir / "metrics.jsonl"
+    from metaloop.report import read_metrics  # matplotlib: only when a comparison is made
+
     scores = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if "val_accuracy" in record:
-                scores.append(100 * float(record["val_accuracy"]))
+    if (run_dir / "metrics.jsonl").is_file():
+        _, val = read_metrics(run_dir)
+        scores = [100 * float(r["val_accuracy"]) for r in val if "val_accuracy" in r]
     changes = torch.tensor(scores, dtype=torch.float64).diff()
     sd = float(changes.std()) if changes.numel() >= 2 else None
     return {"validations": len(scores), "change_sd": sd}
