@@ -290,11 +290,14 @@ def imaml_gradient(
     lam: float,
     cg_steps: int | None = None,
     lam_in_solve: bool = True,
+    damping: float = 0.0,
+    lam_damping: float = 0.0,
 ) -> tuple[Params, torch.Tensor]:
     """iMAML's meta-gradient (1/T) Σ_t (I + H_t/λ)^{-1} ∇L_query_t(φ_t) from the dense Hessian H_t of
     the support loss at φ_t (:func:`proximal_sgd`), solved exactly (``cg_steps=None``, LU) or by
     ``cg_steps`` textbook CG iterations; and the mean query loss at the φ_t. ``lam_in_solve=False``
-    is a wrong formula the tests show apart: (I + H_t)^{-1} ∇L_query_t(φ_t)."""
+    is a wrong formula the tests show apart: (I + H_t)^{-1} ∇L_query_t(φ_t). ``damping`` μ and
+    ``lam_damping`` ν give the paper code's system ((1 + μ) I + H_t/(λ + ν))."""
     flat_total, query_loss = 0.0, 0.0
     for t in range(batch.num_tasks):
         phi = proximal_sgd(net, params, batch.support_x[t], batch.support_y[t], lr, steps, lam)
@@ -305,7 +308,8 @@ def imaml_gradient(
         (v,) = torch.autograd.grad(value, [w_leaf])
         support = flat_function(net, phi, batch.support_x[t], batch.support_y[t])
         hessian = torch.autograd.functional.hessian(support, w, vectorize=True)
-        a = torch.eye(len(w), dtype=w.dtype) + hessian / (lam if lam_in_solve else 1.0)
+        identity = (1.0 + damping) * torch.eye(len(w), dtype=w.dtype)
+        a = identity + hessian / ((lam + lam_damping) if lam_in_solve else 1.0)
         g = torch.linalg.solve(a, v) if cg_steps is None else textbook_cg(a, v, cg_steps)
         flat_total = flat_total + g
         query_loss = query_loss + value.detach()

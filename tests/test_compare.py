@@ -52,7 +52,13 @@ def test_validation_steadiness_is_the_sd_of_step_to_step_changes(tmp_path):
     result = validation_steadiness(tmp_path)
     assert result["validations"] == 4
     assert result["change_sd"] == pytest.approx(changes.std().item())
-    assert validation_steadiness(tmp_path / "missing") == {"validations": 0, "change_sd": None}
+    assert result["late_change_sd"] is None  # steps 6 and 8 are past 8/2: one change, no sd
+    lines += [{"step": 10, "val_accuracy": 0.70}, {"step": 12, "val_accuracy": 0.78}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    late = torch.tensor([-5.0, 8.0], dtype=torch.float64)  # steps 8, 10, 12: above half of 12
+    assert validation_steadiness(tmp_path)["late_change_sd"] == pytest.approx(late.std().item())
+    missing = {"validations": 0, "change_sd": None, "late_change_sd": None}
+    assert validation_steadiness(tmp_path / "missing") == missing
 
 
 def test_cell_record_marks_learners_without_the_cell_not_applicable():

@@ -322,19 +322,31 @@ def training_cost(run_dir: Path) -> dict[str, Any]:
 
 
 def validation_steadiness(run_dir: Path) -> dict[str, Any]:
-    """How steady a run's meta-validation accuracy was: ``validations`` (how many lines of
-    ``metrics.jsonl``) and ``change_sd``, the standard deviation (ddof=1) of the change from one
-    validation to the next, in accuracy points (None with fewer than three validations, or no log:
-    e.g. a zoo model)."""
+    """How steady a run's meta-validation accuracy was, in accuracy points (from ``metrics.jsonl``):
+
+    - ``validations``: how many validations it logged;
+    - ``change_sd``: the standard deviation (ddof=1) of the change from one validation to the next;
+    - ``late_change_sd``: the same over the second half of the run, the validations at steps above
+      half the last validated step, where a fast early rise no longer counts as unsteadiness.
+
+    Each sd is None with fewer than three validations in its range (or no log: e.g. a zoo model)."""
     from metaloop.report import read_metrics  # matplotlib: only when a comparison is made
 
-    scores = []
+    points = []
     if (run_dir / "metrics.jsonl").is_file():
         _, val = read_metrics(run_dir)
-        scores = [100 * float(r["val_accuracy"]) for r in val if "val_accuracy" in r]
-    changes = torch.tensor(scores, dtype=torch.float64).diff()
-    sd = float(changes.std()) if changes.numel() >= 2 else None
-    return {"validations": len(scores), "change_sd": sd}
+        points = [(int(r["step"]), 100 * float(r["val_accuracy"])) for r in val if "val_accuracy" in r]
+
+    def change_sd(scores: list[float]) -> float | None:
+        changes = torch.tensor(scores, dtype=torch.float64).diff()
+        return float(changes.std()) if changes.numel() >= 2 else None
+
+    half = points[-1][0] / 2 if points else 0
+    return {
+        "validations": len(points),
+        "change_sd": change_sd([score for _, score in points]),
+        "late_change_sd": change_sd([score for step, score in points if step > half]),
+    }
 
 
 # ----- statistics ----------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         "wall-clock (s)",
         "validations",
         "val change sd (points)",
+        "2nd half",
         "run",
     ]
     rows = []
@@ -144,8 +145,11 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         steps = "—" if cost["steps"] is None else str(cost["steps"])
         seconds = [seconds_text(cost["train_seconds"]), seconds_text(cost["wall_seconds"])]
         trained = "yes" if d["trained_here"] else "no"
-        validation = d.get("validation") or {"validations": 0, "change_sd": None}
-        steadiness = "—" if validation["change_sd"] is None else f"{validation['change_sd']:.2f}"
+        validation = d.get("validation") or {"validations": 0}
+        steadiness = [
+            "—" if validation.get(key) is None else f"{validation[key]:.2f}"
+            for key in ("change_sd", "late_change_sd")
+        ]
         rows.append(
             [
                 d["label"],
@@ -155,7 +159,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
                 str(d["best_step"]),
                 *seconds,
                 str(validation["validations"]),
-                steadiness,
+                *steadiness,
                 f"`{d['run_dir']}`",
             ]
         )
@@ -168,7 +172,8 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         "Training (s): time in outer steps; wall-clock (s): the whole training loop, validation and "
         "checkpoints included (— for runs older than that record). Val change sd: the standard deviation "
         "of the change in meta-validation accuracy from one validation to the next, in points (smaller "
-        "is a steadier curve; — with fewer than three validations or no metrics log).",
+        "is a steadier curve; — with fewer than three validations or no metrics log); 2nd half: the same "
+        "over the validations after half the last validated step.",
     ]
 
 

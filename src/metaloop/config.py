@@ -49,6 +49,8 @@ class AlgorithmConfig:
     alpha_high: float | None = None
     lam: float | None = None  # iMAML: λ of the proximal term (λ/2)||φ − θ||² of each task's inner problem
     cg_steps: int | None = None  # iMAML: conjugate-gradient steps of the implicit gradient (0: first order)
+    cg_damping: float | None = None  # iMAML: μ, solve ((1 + μ) I + H/(λ + ν)) g = ∇L_query (its code: 1)
+    lam_damping: float | None = None  # iMAML: ν of that damped system (its code: 10)
     attack: str | None = None  # ADML: fgsm | pgd, how its adversarial support and query images are made
     epsilon: float | None = None  # ADML: L-infinity radius of that attack, pixel units of [0, 1] images
     attack_steps: int | None = None  # ADML with attack: pgd, the attack's steps

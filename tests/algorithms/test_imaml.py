@@ -103,6 +103,20 @@ def test_meta_gradient_equals_the_dense_implicit_gradient(network, strategy):
     assert max_difference(grads, first_order) > 1e-3
 
 
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+def test_damped_meta_gradient_equals_the_dense_damped_solve(strategy):
+    """The paper code's system ((1 + μ) I + H/(λ + ν)) g = ∇L_query, solved densely; it differs from
+    the equation's solution and from a damping applied to only one of the two terms."""
+    damping = {"cg_damping": 1.0, "lam_damping": 10.0}
+    _, grads = learner_gradients(tiny("mlp", cg_steps=100, strategy=strategy, **damping), sine_batch())
+    learner = tiny("mlp", cg_steps=100)
+    batch = sine_batch()
+    ref_grads, _ = reference(learner, batch, damping=1.0, lam_damping=10.0)
+    assert max_difference(grads, ref_grads) < TOLERANCE
+    for wrong in ({}, {"damping": 1.0}, {"lam_damping": 10.0}):
+        assert max_difference(grads, reference(learner, batch, **wrong)[0]) > 1e-4, wrong
+
+
 def conv_learner(strategy: str = "loop") -> IMAML:
     return small_learner("imaml", "conv4", inner_steps=3, inner_lr=0.1, cg_steps=5, strategy=strategy)
 
@@ -158,7 +172,8 @@ def test_meta_gradient_matches_finite_differences_at_the_inner_solution():
 def test_every_switch_changes_the_meta_gradient():
     batch = sine_batch()
     _, base = learner_gradients(tiny("mlp", cg_steps=5), batch)
-    for change in ({"lam": 0.5}, {"cg_steps": 0}, {"cg_steps": 1}, {"inner_steps": 10}):
+    changes = ({"lam": 0.5}, {"cg_steps": 0}, {"cg_steps": 1}, {"inner_steps": 10}, {"cg_damping": 1.0})
+    for change in (*changes, {"lam_damping": 10.0}):
         _, other = learner_gradients(tiny("mlp", **{"cg_steps": 5, **change}), batch)
         assert max_difference(base, other) > 1e-4, change
 
@@ -200,13 +215,19 @@ def test_defaults_recipe_keys_and_refusals():
     assert (h["lam"], h["cg_steps"], h["inner_steps"], h["inner_lr"]) == (2.0, 5, 16, 0.1)  # the paper's
     assert "first_order" not in h
     assert build_learner("imaml", **h).hparams == h
-    assert {"lam", "cg_steps"} <= set(IMAML.config_keys) <= set(vars(AlgorithmConfig()))
+    keys = {"lam", "cg_steps", "cg_damping", "lam_damping"}
+    assert keys <= set(IMAML.config_keys) <= set(vars(AlgorithmConfig()))
     with pytest.raises(ValueError, match="not 'vmap'"):
         IMAML(strategy="vmap")
     with pytest.raises(ValueError, match="must be > 0"):
         IMAML(lam=0.0)
     with pytest.raises(ValueError, match="cg_steps must be an int >= 0"):
         IMAML(cg_steps=-1)
+    assert (h["cg_damping"], h["lam_damping"]) == (0.0, 0.0)  # the paper's equation unless asked
+    with pytest.raises(ValueError, match="cg_damping must be a number >= 0"):
+        IMAML(cg_damping=-1.0)
+    with pytest.raises(ValueError, match="lam_damping must be a number >= 0"):
+        IMAML(lam_damping="10")
 
 
 def test_checkpoint_round_trip(tmp_path):

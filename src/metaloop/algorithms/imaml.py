@@ -37,6 +37,11 @@ class IMAML(GradientLearner):
             Hessian's share in the solve).
         ``cg_steps``: CG iterations; 0 is the first-order shortcut g_i = ∇_φ L_query_i(φ_i).
         ``inner_steps``: how well φ_i solves the inner problem.
+        ``cg_damping`` μ and ``lam_damping`` ν: solve ((1 + μ) I + H_i/(λ + ν)) g_i = ∇L_query_i(φ_i)
+            instead, as the paper's code does (μ = 1, ν = 10 there); 0 and 0 (the default) is the
+            equation above. The equation's matrix is indefinite wherever H_i has an eigenvalue below
+            −λ, and then CG does not converge (:mod:`metaloop.algorithms.implicit`; the Omniglot
+            recipes use the code's damping).
 
     Args:
         backbone, in_channels, hidden, ways, backbone_args: the network, as for
@@ -49,6 +54,8 @@ class IMAML(GradientLearner):
             and CG solves at once) or ``"auto"``. ``"vmap"`` is not offered.
         lam: λ (default 2.0, the paper's).
         cg_steps: CG iterations (default 5, the paper's).
+        cg_damping: μ (default 0: the paper's equation).
+        lam_damping: ν (default 0: the paper's equation).
 
     Example:
         >>> learner = IMAML(backbone="conv4", ways=5)           # λ = 2, 16 inner steps, 5 CG steps
@@ -62,6 +69,8 @@ class IMAML(GradientLearner):
         *(k for k in GradientLearner.config_keys if k != "first_order"),
         "lam",
         "cg_steps",
+        "cg_damping",
+        "lam_damping",
     )
     defaults = {
         **GradientLearner.defaults,
@@ -91,6 +100,8 @@ class IMAML(GradientLearner):
         strategy: str = "auto",
         lam: float = 2.0,
         cg_steps: int = 5,
+        cg_damping: float = 0.0,
+        lam_damping: float = 0.0,
         backbone_args: dict | None = None,
     ) -> None:
         if strategy == "vmap":
@@ -107,6 +118,12 @@ class IMAML(GradientLearner):
             raise ValueError(
                 f"imaml's cg_steps must be an int >= 0 (0: first-order shortcut), got {cg_steps!r}"
             )
+        for key, value in (("cg_damping", cg_damping), ("lam_damping", lam_damping)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(
+                    f"imaml's {key} must be a number >= 0 (0: the paper's equation; its code uses "
+                    f"cg_damping 1 and lam_damping 10), got {value!r}"
+                )
         super().__init__(
             backbone=backbone,
             in_channels=in_channels,
@@ -118,6 +135,8 @@ class IMAML(GradientLearner):
             strategy=strategy,
             lam=float(lam),
             cg_steps=cg_steps,
+            cg_damping=float(cg_damping),
+            lam_damping=float(lam_damping),
             backbone_args=backbone_args,
         )
         self.net = self.build_network(backbone)
@@ -158,6 +177,8 @@ class IMAML(GradientLearner):
             float(self.hparams["lam"]),
             int(self.hparams["cg_steps"]),
             batched=strategy == "batched",
+            damping=float(self.hparams["cg_damping"]),
+            lam_damping=float(self.hparams["lam_damping"]),
         )
         query_loss = query_losses.mean()
         surrogate = sum((theta * grads[name].mean(0)).sum() for name, theta in self.net.named_parameters())
