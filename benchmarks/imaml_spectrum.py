@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from metaloop.algorithms import IMAML
-from metaloop.algorithms.implicit import conjugate_gradient
+from metaloop.algorithms.implicit import conjugate_gradient, task_dot
 from metaloop.data.omniglot import load_omniglot
 from metaloop.tasks.episodes import EpisodeSampler
 
@@ -37,10 +37,12 @@ SYSTEMS = {"paper: I + H/λ": (1.0, LAM), "code: 2 I + H/(λ + 10)": (2.0, LAM +
 CG_STEPS = (1, 3, 5, 10)
 
 Params = dict[str, torch.Tensor]
+"""Vectors in parameter space with a leading task dimension of 1, as :mod:`metaloop.algorithms.implicit`
+takes them."""
 
 
-def dot(a: Params, b: Params) -> torch.Tensor:
-    return sum((a[name] * b[name]).sum() for name in a)
+def dot(a: Params, b: Params) -> float:
+    return task_dot(a, b).item()
 
 
 def scaled(c: float, a: Params) -> Params:
@@ -58,40 +60,37 @@ def task_report(learner: IMAML, support_x, support_y, query_x, query_y) -> dict[
     support = learner.loss(forward(phi, support_x)[None], support_y[None]).sum()
     support_grads = torch.autograd.grad(support, leaves, create_graph=True)
     query = learner.loss(forward(phi, query_x)[None], query_y[None]).sum()
-    b = dict(zip(names, torch.autograd.grad(query, leaves), strict=True))
+    b = {name: g[None] for name, g in zip(names, torch.autograd.grad(query, leaves), strict=True)}
 
     def hessian(v: Params) -> Params:
-        inner = sum((g * v[name]).sum() for name, g in zip(names, support_grads, strict=True))
-        return dict(zip(names, torch.autograd.grad(inner, leaves, retain_graph=True), strict=True))
+        inner = sum((g * v[name][0]).sum() for name, g in zip(names, support_grads, strict=True))
+        hv = torch.autograd.grad(inner, leaves, retain_graph=True)
+        return {name: h[None] for name, h in zip(names, hv, strict=True)}
 
     generator = torch.Generator().manual_seed(0)
-    v = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype) for name, p in phi.items()}
+    v = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype)[None] for name, p in phi.items()}
     for _ in range(60):
         hv = hessian(v)
-        largest = (dot(v, hv) / dot(v, v)).item()
-        v = scaled(1 / dot(hv, hv).sqrt().item(), hv)
+        largest = dot(v, hv) / dot(v, v)
+        v = scaled(dot(hv, hv) ** -0.5, hv)
     shift = abs(largest)
-    v = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype) for name, p in phi.items()}
+    v = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype)[None] for name, p in phi.items()}
     for _ in range(100):
         hv = hessian(v)
-        lowest = (dot(v, hv) / dot(v, v)).item()
+        lowest = dot(v, hv) / dot(v, v)
         w = {name: shift * v[name] - hv[name] for name in v}
-        v = scaled(1 / dot(w, w).sqrt().item(), w)
+        v = scaled(dot(w, w) ** -0.5, w)
     residuals = {}
     for label, (identity, divisor) in SYSTEMS.items():
 
         def matrix(v: Params, identity=identity, divisor=divisor) -> Params:
             return {name: identity * v[name] + h / divisor for name, h in hessian(v).items()}
 
-        def one_task(u: Params, matrix=matrix) -> Params:  # conjugate_gradient's [T, ...] dicts, T = 1
-            return {name: a[None] for name, a in matrix({n: c[0] for n, c in u.items()}).items()}
-
         row = {}
         for steps in CG_STEPS:
-            x = conjugate_gradient(one_task, {name: g[None] for name, g in b.items()}, steps)
-            x = {name: value[0] for name, value in x.items()}
+            x = conjugate_gradient(matrix, b, steps)
             r = {name: b[name] - ax for name, ax in matrix(x).items()}
-            row[steps] = round((dot(r, r).sqrt() / dot(b, b).sqrt()).item(), 4)
+            row[steps] = round((dot(r, r) / dot(b, b)) ** 0.5, 4)
         residuals[label] = row
     return {
         "largest_eigenvalue": round(largest, 3),

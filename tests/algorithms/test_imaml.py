@@ -107,10 +107,10 @@ def test_meta_gradient_equals_the_dense_implicit_gradient(network, strategy):
 def test_damped_meta_gradient_equals_the_dense_damped_solve(strategy):
     """The paper code's system ((1 + μ) I + H/(λ + ν)) g = ∇L_query, solved densely; it differs from
     the equation's solution and from a damping applied to only one of the two terms."""
-    damping = {"cg_damping": 1.0, "lam_damping": 10.0}
-    _, grads = learner_gradients(tiny("mlp", cg_steps=100, strategy=strategy, **damping), sine_batch())
-    learner = tiny("mlp", cg_steps=100)
     batch = sine_batch()
+    damping = {"cg_damping": 1.0, "lam_damping": 10.0}
+    _, grads = learner_gradients(tiny("mlp", cg_steps=100, strategy=strategy, **damping), batch)
+    learner = tiny("mlp", cg_steps=100)
     ref_grads, _ = reference(learner, batch, damping=1.0, lam_damping=10.0)
     assert max_difference(grads, ref_grads) < TOLERANCE
     for wrong in ({}, {"damping": 1.0}, {"lam_damping": 10.0}):
