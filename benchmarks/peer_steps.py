@@ -6,6 +6,12 @@ mean query loss over the batch's tasks into ``.grad``, then an Adam step.
   ``copy_initial_weights=False``), ``backward()`` per task.
 - ``plain``: a per-task loop over ``torch.func.functional_call`` with
   ``torch.autograd.grad(create_graph=True)`` and ``backward()`` per task.
+- ``plain-threads``: the plain loop with its tasks split between two Python threads, each running
+  its tasks one after another with one intra-op thread (``torch.set_num_threads`` is per thread),
+  on its own copy of the module (``functional_call`` swaps a module's parameters, so one module
+  cannot serve two threads), with the same parameter tensors. Each task's meta-gradient comes from
+  ``torch.autograd.grad``; the main thread adds them in task order, so the result does not depend
+  on which thread finished first. A measurement of task parallelism, not a metaloop strategy.
 - ``metaloop``: :class:`metaloop.algorithms.MAML` with the standard Conv-4
   (:class:`metaloop.nn.conv4_standard.StandardConv4`) and :meth:`meta_backward`.
 
@@ -15,6 +21,8 @@ statistics, no running statistics; convolutions without bias).
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable
 
 import torch
@@ -82,6 +90,44 @@ def plain_step(hidden: int, ways: int, inner_lr: float, steps: int) -> Step:
             (F.cross_entropy(query, batch.query_y[t]) / tasks).backward()
         meta_opt.step()
 
+    step.model = model  # type: ignore[attr-defined]  # for tests
+    return step
+
+
+def plain_threads_step(hidden: int, ways: int, inner_lr: float, steps: int, workers: int = 2) -> Step:
+    model = module_conv4(hidden, ways)
+    meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    names, params = zip(*model.named_parameters(), strict=True)
+    copies = [copy.deepcopy(model) for _ in range(workers)]
+
+    def task_gradient(module: nn.Module, batch: TaskBatch, t: int) -> tuple[torch.Tensor, ...]:
+        fast = dict(zip(names, params, strict=True))
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(module, fast, (batch.support_x[t],)), batch.support_y[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {name: p - inner_lr * g for (name, p), g in zip(fast.items(), grads, strict=True)}
+        query = F.cross_entropy(functional_call(module, fast, (batch.query_x[t],)), batch.query_y[t])
+        return torch.autograd.grad(query, params)
+
+    def step(batch: TaskBatch) -> None:
+        tasks = batch.num_tasks
+        per_task: list[tuple[torch.Tensor, ...] | None] = [None] * tasks
+
+        def work(worker: int) -> None:
+            torch.set_num_threads(1)
+            for t in range(worker, tasks, workers):
+                per_task[t] = task_gradient(copies[worker], batch, t)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i, p in enumerate(params):
+            p.grad = torch.stack([g[i] for g in per_task]).sum(0) / tasks  # type: ignore[index]
+        meta_opt.step()
+
+    step.model = model  # type: ignore[attr-defined]  # for tests
     return step
 
 

@@ -49,7 +49,15 @@ from metaloop.tasks.episodes import TaskBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-PEERS = ("higher", "plain", "metaloop-loop", "metaloop-batched", "metaloop-vmap", "metaloop-auto")
+PEERS = (
+    "higher",
+    "plain",
+    "plain-threads",
+    "metaloop-loop",
+    "metaloop-batched",
+    "metaloop-vmap",
+    "metaloop-auto",
+)
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "reptile", "cavia")
 STRATEGIES = ("loop", "vmap", "batched")
 
@@ -147,7 +155,12 @@ def peer_step(args: argparse.Namespace, spec: dict, device: str):
     if impl.startswith("metaloop-"):
         step = peer_steps.metaloop_step(*sizes, strategy=impl.removeprefix("metaloop-"))
     else:
-        step = {"higher": peer_steps.higher_step, "plain": peer_steps.plain_step}[impl](*sizes)
+        makers = {
+            "higher": peer_steps.higher_step,
+            "plain": peer_steps.plain_step,
+            "plain-threads": peer_steps.plain_threads_step,
+        }
+        step = makers[impl](*sizes)
     if hasattr(step, "learner"):
         step.learner.to(device)
     return step

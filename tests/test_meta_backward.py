@@ -158,7 +158,8 @@ def test_fastest_strategy_times_the_candidates_and_remembers(tmp_path, monkeypat
         calls.append(strategy)
         time.sleep(delays[strategy])
 
-    assert inner.fastest_strategy("k1", STRATEGIES, step) == "vmap"
+    assert inner.fastest_strategy("k1", STRATEGIES, step, repeats=2) == "vmap"
+    assert calls == [*STRATEGIES] * 3  # a warm-up each, then two timed rounds taking turns
     assert json.loads((tmp_path / "strategies.json").read_text()) == {"k1": "vmap"}
     calls.clear()
     assert inner.fastest_strategy("k1", STRATEGIES, step) == "vmap" and calls == []  # cached

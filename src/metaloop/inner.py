@@ -135,7 +135,8 @@ def fastest_strategy(
     key: str, candidates: tuple[str, ...], step: Callable[[str], None], repeats: int = 2
 ) -> str:
     """The candidate whose ``step(strategy)`` ran fastest (best of ``repeats`` timed runs after one
-    untimed), cached per ``key`` in this process and in :func:`strategy_cache_path`.
+    untimed; the candidates take turns in each repeat), cached per ``key`` in this process and in
+    :func:`strategy_cache_path`.
 
     ``step`` must not change anything a later computation reads (gradients, RNG, buffers): the
     choice changes speed and memory only, never which function is computed. Ties within 5% go to
@@ -146,15 +147,14 @@ def fastest_strategy(
     remembered = remembered_strategy(key)
     if remembered in candidates:
         return remembered
-    seconds = {}
     for strategy in candidates:
         step(strategy)  # warm-up: first-call costs (allocations, vmap set-up) are not the steady state
-        times = []
-        for _ in range(repeats):
+    seconds = {strategy: float("inf") for strategy in candidates}
+    for _ in range(repeats):  # interleaved, so a change in the machine's load hits every candidate
+        for strategy in candidates:
             start = time.perf_counter()
             step(strategy)
-            times.append(time.perf_counter() - start)
-        seconds[strategy] = min(times)
+            seconds[strategy] = min(seconds[strategy], time.perf_counter() - start)
     best = min(seconds.values())
     choice = next(s for s in candidates if seconds[s] <= 1.05 * best)
     _MEASURED[key] = choice

@@ -52,7 +52,11 @@ from metaloop.tasks.source import TaskSource
 
 # hyper-parameters without a default for some networks: the user must choose them
 REQUIRED = ("inner_lr", "num_context_params")
-TRIAL_TASKS = 2  # tasks each strategy runs when "auto" measures them (one untimed run, one timed)
+# Tasks each strategy runs when "auto" measures them (one untimed run, then TRIAL_REPEATS timed
+# runs, the candidates taking turns). "batched" gains by grouping tasks: on 2 tasks its lead over
+# "loop" was within the noise and auto chose either (benchmarks/results/throughput_peers.md).
+TRIAL_TASKS = 8
+TRIAL_REPEATS = 2
 
 
 def network_problem(
@@ -341,7 +345,7 @@ class GradientLearner(MetaLearner):
                 for name, b in self.named_buffers():
                     b.copy_(buffers[name])
 
-        return fastest_strategy(key, candidates, step, repeats=1)
+        return fastest_strategy(key, candidates, step, repeats=TRIAL_REPEATS)
 
     def task_graph_bytes(self, batch: TaskBatch) -> int:
         """Bytes one task's meta-loss graph saves for backward (the first task, strategy ``loop``)."""
