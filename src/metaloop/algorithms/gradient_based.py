@@ -54,7 +54,7 @@ from metaloop.tasks.source import TaskSource
 REQUIRED = ("inner_lr", "num_context_params")
 # Tasks each strategy runs when "auto" measures them (one untimed run, then TRIAL_REPEATS timed
 # runs, the candidates taking turns). "batched" gains by grouping tasks: on 2 tasks its lead over
-# "loop" was within the noise and auto chose either (benchmarks/results/throughput_peers.md).
+# "loop" was within the noise and auto chose either (benchmarks/results/throughput_peers_notes.md).
 TRIAL_TASKS = 8
 TRIAL_REPEATS = 2
 
