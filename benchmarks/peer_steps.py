@@ -70,6 +70,19 @@ def higher_step(hidden: int, ways: int, inner_lr: float, steps: int) -> Step:
     return step
 
 
+def plain_query_loss(
+    module: nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, t: int, inner_lr: float, steps: int
+) -> torch.Tensor:
+    """Task ``t``'s query loss after ``steps`` differentiable SGD steps from ``params`` on its support
+    set (``autograd.grad(create_graph=True)`` through ``functional_call(module, ...)``)."""
+    fast = params
+    for _ in range(steps):
+        loss = F.cross_entropy(functional_call(module, fast, (batch.support_x[t],)), batch.support_y[t])
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+        fast = {name: p - inner_lr * g for (name, p), g in zip(fast.items(), grads, strict=True)}
+    return F.cross_entropy(functional_call(module, fast, (batch.query_x[t],)), batch.query_y[t])
+
+
 def plain_step(hidden: int, ways: int, inner_lr: float, steps: int) -> Step:
     model = module_conv4(hidden, ways)
     meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -79,15 +92,7 @@ def plain_step(hidden: int, ways: int, inner_lr: float, steps: int) -> Step:
         meta_opt.zero_grad(set_to_none=True)
         tasks = batch.num_tasks
         for t in range(tasks):
-            fast = params
-            for _ in range(steps):
-                loss = F.cross_entropy(
-                    functional_call(model, fast, (batch.support_x[t],)), batch.support_y[t]
-                )
-                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-                fast = {name: p - inner_lr * g for (name, p), g in zip(fast.items(), grads, strict=True)}
-            query = functional_call(model, fast, (batch.query_x[t],))
-            (F.cross_entropy(query, batch.query_y[t]) / tasks).backward()
+            (plain_query_loss(model, params, batch, t, inner_lr, steps) / tasks).backward()
         meta_opt.step()
 
     step.model = model  # type: ignore[attr-defined]  # for tests
@@ -97,17 +102,12 @@ def plain_step(hidden: int, ways: int, inner_lr: float, steps: int) -> Step:
 def plain_threads_step(hidden: int, ways: int, inner_lr: float, steps: int, workers: int = 2) -> Step:
     model = module_conv4(hidden, ways)
     meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    names, params = zip(*model.named_parameters(), strict=True)
+    named = dict(model.named_parameters())
+    params = tuple(named.values())
     copies = [copy.deepcopy(model) for _ in range(workers)]
 
     def task_gradient(module: nn.Module, batch: TaskBatch, t: int) -> tuple[torch.Tensor, ...]:
-        fast = dict(zip(names, params, strict=True))
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(module, fast, (batch.support_x[t],)), batch.support_y[t])
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-            fast = {name: p - inner_lr * g for (name, p), g in zip(fast.items(), grads, strict=True)}
-        query = F.cross_entropy(functional_call(module, fast, (batch.query_x[t],)), batch.query_y[t])
-        return torch.autograd.grad(query, params)
+        return torch.autograd.grad(plain_query_loss(module, named, batch, t, inner_lr, steps), params)
 
     def step(batch: TaskBatch) -> None:
         tasks = batch.num_tasks

@@ -6,30 +6,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gradient_helpers import image_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import peer_steps  # noqa: E402
 
-from metaloop.tasks.episodes import TaskBatch  # noqa: E402
-
-
-def random_batch(tasks: int, ways: int = 3) -> TaskBatch:
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(ways).expand(tasks, -1).contiguous()
-    support = torch.rand(tasks, ways, 1, 28, 28, generator=g)
-    query = torch.rand(tasks, ways, 1, 28, 28, generator=g)
-    return TaskBatch(support, labels, query, labels, ways)
-
 
 def meta_gradient(maker: Callable) -> list[torch.Tensor]:
-    """The meta-gradient an outer step (2 inner steps, 5 tasks, float64) left in ``.grad``."""
+    """The meta-gradient one outer step (2 inner steps, 5 tasks of 16x16 images, float64) left."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         step = maker(8, 3, 0.4, 2)
-        step(random_batch(5))
+        step(image_batch(tasks=5))
     finally:
         torch.set_default_dtype(default)
     return [p.grad for p in step.model.parameters()]
