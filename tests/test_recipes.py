@@ -55,7 +55,7 @@ def test_an_unknown_recipe_names_the_close_ones(capsys):
     assert main(["train", "--recipe", "maml-omniglot-5w2s"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
-    assert "no recipe named 'maml-omniglot-5w2s'; did you mean maml-omniglot-5w1s" in err
+    assert "no recipe named 'maml-omniglot-5w2s'; did you mean maml-omniglot-5w5s, maml-omniglot-5w1s" in err
 
 
 def test_recipe_and_config_together_are_refused(capsys):

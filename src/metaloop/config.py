@@ -38,6 +38,7 @@ class AlgorithmConfig:
     first_order: bool | None = None
     inner_optimizer: str | None = None  # Reptile: sgd (full batch, Algorithm 1) | adam (the paper's code)
     inner_batch_size: int | None = None  # Reptile: support examples per inner step (default: all)
+    eval_inner_batch_size: int | None = None  # Reptile: the same at test time (default: inner_batch_size)
     strategy: str | None = None  # how the tasks of a meta-batch run: auto | loop | vmap | batched
     multi_step_loss: bool | None = None  # MAML++: the query loss after every inner step, annealed (MSL)
     msl_steps: int | None = None  # MAML++: outer steps over which the MSL weights anneal to the last step

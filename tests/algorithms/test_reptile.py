@@ -179,3 +179,26 @@ def test_adam_moments_round_trip_through_the_state_dict_and_bad_options_are_refu
         Reptile(inner_optimizer="rmsprop")
     with pytest.raises(ValueError, match="inner_batch_size must be a positive int"):
         Reptile(inner_batch_size=0)
+
+
+def test_test_time_minibatches_take_their_own_size_while_training_keeps_the_full_batch():
+    """``eval_inner_batch_size`` (Nichol et al.'s --eval-batch) changes adaptation at test time only."""
+    learner = small_learner(
+        "reptile", "conv4", inner_steps=2, inner_lr=0.1, eval_inner_steps=3, eval_inner_batch_size=2
+    )
+    batch = batch_for("conv4")
+    _, grads = learner_gradients(learner, batch)
+    assert max_difference(grads, reference(learner, batch)[0]) < TOLERANCE  # full-batch training
+    task = batch.task(0)
+    fast = net_params(learner)
+    (rows_per_step,) = call_batches(task, 2, 3)
+    for rows in rows_per_step:
+        sub = TaskBatch(
+            task.support_x[:, rows], task.support_y[:, rows], task.query_x, task.query_y, task.ways
+        )
+        g, _ = reptile_gradient(conv_net, fast, sub, 0.1, 1)
+        fast = {name: (p - g[name]).detach().requires_grad_() for name, p in fast.items()}
+    predictor = learner.adapt(task.support_x[0], task.support_y[0])
+    assert (predictor(task.query_x[0]) - conv_net(fast, task.query_x[0])).abs().max() < TOLERANCE
+    with pytest.raises(ValueError, match="eval_inner_batch_size must be a positive int"):
+        Reptile(eval_inner_batch_size=0)

@@ -63,6 +63,8 @@ class Reptile(GradientLearner):
         inner_batch_size: support examples per inner step (``None``: the whole support set);
             minibatches are drawn without replacement from a generator seeded with 0 at every
             call, so the same batch gives the same numbers.
+        eval_inner_batch_size: support examples per inner step at test time (``None``: the same as
+            ``inner_batch_size``); the paper's code took 5 for 5-way and 10 for 20-way Omniglot.
     """
 
     name = "reptile"
@@ -71,6 +73,7 @@ class Reptile(GradientLearner):
         *(k for k in GradientLearner.config_keys if k != "first_order"),
         "inner_optimizer",
         "inner_batch_size",
+        "eval_inner_batch_size",
     )
     defaults = {
         **GradientLearner.defaults,
@@ -100,14 +103,17 @@ class Reptile(GradientLearner):
         strategy: str = "auto",
         inner_optimizer: str = "sgd",
         inner_batch_size: int | None = None,
+        eval_inner_batch_size: int | None = None,
         backbone_args: dict | None = None,
     ) -> None:
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(
                 f"unknown inner_optimizer {inner_optimizer!r}; use one of {', '.join(INNER_OPTIMIZERS)}"
             )
-        if inner_batch_size is not None and inner_batch_size < 1:
-            raise ValueError(f"inner_batch_size must be a positive int or None, got {inner_batch_size!r}")
+        sizes = {"inner_batch_size": inner_batch_size, "eval_inner_batch_size": eval_inner_batch_size}
+        for key, size in sizes.items():
+            if size is not None and size < 1:
+                raise ValueError(f"{key} must be a positive int or None, got {size!r}")
         super().__init__(
             backbone=backbone,
             in_channels=in_channels,
@@ -120,6 +126,7 @@ class Reptile(GradientLearner):
             strategy=strategy,
             inner_optimizer=inner_optimizer,
             inner_batch_size=inner_batch_size,
+            eval_inner_batch_size=eval_inner_batch_size,
             backbone_args=backbone_args,
         )
         del self.hparams["first_order"]
@@ -141,6 +148,12 @@ class Reptile(GradientLearner):
         """Full-batch SGD steps: the shared inner loop (:class:`metaloop.inner.InnerLoop`) runs them."""
         return self.hparams["inner_optimizer"] == "sgd" and self.hparams["inner_batch_size"] is None
 
+    @property
+    def eval_batch_size(self) -> int | None:
+        """Support examples per test-time inner step (``None``: the whole support set)."""
+        size = self.hparams.get("eval_inner_batch_size")  # absent from checkpoints before it existed
+        return self.hparams["inner_batch_size"] if size is None else size
+
     def splits_by_task(self) -> bool:
         """No: the inner loop keeps no graph (nothing to save by chunking), and minibatches and
         Adam's moments run through the whole batch in one sequence."""
@@ -161,12 +174,17 @@ class Reptile(GradientLearner):
         steps = int(self.hparams["inner_steps"])
         with torch.no_grad():
             if self.plain_sgd:  # meta=False: first order, θ cut from the graph
-                outputs, adapted = self.run_inner(
+                outputs, adapted = super().run_inner(
                     batch.support_x, batch.support_y, batch.query_x, steps, meta=False
                 )
             else:
                 outputs, adapted = self.minibatch_inner(
-                    batch.support_x, batch.support_y, batch.query_x, steps, carry_moments=True
+                    batch.support_x,
+                    batch.support_y,
+                    batch.query_x,
+                    steps,
+                    carry_moments=True,
+                    batch_size=self.hparams["inner_batch_size"],
                 )
             query_loss = self.loss(outputs, batch.query_y).mean()
         surrogate = sum(
@@ -181,9 +199,11 @@ class Reptile(GradientLearner):
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, steps: int, meta: bool
     ) -> tuple[torch.Tensor, Params]:
         """Test-time adaptation (and full-batch SGD): see :meth:`GradientLearner.run_inner`."""
-        if self.plain_sgd:
+        if self.hparams["inner_optimizer"] == "sgd" and self.eval_batch_size is None:
             return super().run_inner(support_x, support_y, query_x, steps, meta)
-        return self.minibatch_inner(support_x, support_y, query_x, steps, carry_moments=False)
+        return self.minibatch_inner(
+            support_x, support_y, query_x, steps, carry_moments=False, batch_size=self.eval_batch_size
+        )
 
     def minibatch_inner(
         self,
@@ -192,11 +212,13 @@ class Reptile(GradientLearner):
         query_x: torch.Tensor,
         steps: int,
         carry_moments: bool,
+        batch_size: int | None,
     ) -> tuple[torch.Tensor, Params]:
-        """``steps`` minibatch SGD or Adam steps on each task's support set ``[T, N, ...]``, one
-        task after another, with no graph. Returns the query outputs ``[T, M, K]`` and the
-        adapted weights ``{name: [T, ...]}``. With ``carry_moments`` (meta-training) Adam's v and
-        k pass from each task to the next and are stored back in the learner."""
+        """``steps`` minibatch SGD or Adam steps (``batch_size`` support examples each, ``None``:
+        all) on each task's support set ``[T, N, ...]``, one task after another, with no graph.
+        Returns the query outputs ``[T, M, K]`` and the adapted weights ``{name: [T, ...]}``. With
+        ``carry_moments`` (meta-training) Adam's v and k pass from each task to the next and are
+        stored back in the learner."""
         forward, params, lr = self.inner_problem(meta=False)
         ways = int(support_y.max()) + 1 if self.task_type == "classification" else 0
         if 0 < ways < (self.fixed_ways or 0):
@@ -204,7 +226,7 @@ class Reptile(GradientLearner):
         adam = self.inner_adam
         moments = {name: getattr(adam, self.moment_key(name)) for name in params} if adam else {}
         k = float(adam.steps) if adam else 0.0
-        size = self.hparams["inner_batch_size"] or support_x.shape[1]
+        size = batch_size or support_x.shape[1]
         generator = torch.Generator().manual_seed(0)
         outputs, adapted = [], []
         for x, y, qx in zip(support_x, support_y, query_x, strict=True):
