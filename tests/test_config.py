@@ -30,6 +30,19 @@ def test_snell_training_setup_in_the_omniglot_recipes():
         assert config.data.name == "omniglot" and config.data.image_size == 28
 
 
+def test_every_omniglot_recipe_tests_the_setting_its_name_gives():
+    """``<learner>_omniglot_<W>w<S>s.yaml`` tests W-way S-shot; the papers' learners have all four."""
+    for path in CONFIGS:
+        stem = path.stem.split("_")
+        if stem[1] == "omniglot":
+            ways, shots = stem[2].removesuffix("s").split("w")
+            config = load_config(path)
+            assert (config.eval.ways, config.eval.shots) == (int(ways), int(shots)), path.name
+    for learner in ("protonet", "maml", "fomaml", "metasgd", "reptile", "siamese", "attention"):
+        for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
+            assert (Path("configs") / f"{learner}_omniglot_{setting}.yaml").is_file(), (learner, setting)
+
+
 def test_overrides_are_parsed_as_yaml():
     config = load_config(overrides=["train.steps=7", "train.lr=0.01", "data.data_dir=/tmp/x", "seed=3"])
     assert config.train.steps == 7 and config.train.lr == 0.01 and config.seed == 3
