@@ -143,10 +143,15 @@ class Reptile(GradientLearner):
         """The ``inner_adam`` buffer holding v of the network weight ``name`` (no dots allowed)."""
         return name.replace(".", "__")
 
+    def full_batch_sgd(self, batch_size: int | None) -> bool:
+        """Whether steps of ``batch_size`` are full-batch SGD, which the shared inner loop
+        (:class:`metaloop.inner.InnerLoop`) runs."""
+        return self.hparams["inner_optimizer"] == "sgd" and batch_size is None
+
     @property
     def plain_sgd(self) -> bool:
-        """Full-batch SGD steps: the shared inner loop (:class:`metaloop.inner.InnerLoop`) runs them."""
-        return self.hparams["inner_optimizer"] == "sgd" and self.hparams["inner_batch_size"] is None
+        """Meta-training takes full-batch SGD steps."""
+        return self.full_batch_sgd(self.hparams["inner_batch_size"])
 
     @property
     def eval_batch_size(self) -> int | None:
@@ -199,7 +204,7 @@ class Reptile(GradientLearner):
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, steps: int, meta: bool
     ) -> tuple[torch.Tensor, Params]:
         """Test-time adaptation (and full-batch SGD): see :meth:`GradientLearner.run_inner`."""
-        if self.hparams["inner_optimizer"] == "sgd" and self.eval_batch_size is None:
+        if self.full_batch_sgd(self.eval_batch_size):
             return super().run_inner(support_x, support_y, query_x, steps, meta)
         return self.minibatch_inner(
             support_x, support_y, query_x, steps, carry_moments=False, batch_size=self.eval_batch_size
