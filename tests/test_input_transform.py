@@ -53,6 +53,8 @@ def test_built_in_datasets_and_old_checkpoints():
     old = {"config": {"data": {"name": "folder", "image_size": 32}}, "hparams": {"in_channels": 3}}
     assert checkpoint_transform(old) == InputTransform(32, 3, invert=False)
     assert checkpoint_transform({"config": {"data": {"name": "sinusoid"}}, "hparams": {}}) is None
+    snell = {"config": {"data": {"name": "omniglot", "image_size": 28, "resize": "nearest"}}, "hparams": {}}
+    assert checkpoint_transform(snell) == InputTransform(28, 1, invert=True, resize="nearest")
     assert checkpoint_transform({"input_transform": None}) is None
 
 

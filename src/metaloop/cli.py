@@ -132,7 +132,7 @@ def _check_test_input(state: dict[str, Any], config: Config) -> None:
     if config.data.name == "sinusoid":
         return
     channels = int(state["hparams"].get("in_channels", 1))
-    data = dataset_transform(config.data.name, config.data.image_size, channels)
+    data = dataset_transform(config.data.name, config.data.image_size, channels, config.data.resize)
     check_same_input(checkpoint_transform(state), data, f"this {state['algorithm']} model")
 
 

@@ -74,6 +74,9 @@ class DataConfig:
 
     name: str = "glyphs"  # glyphs | omniglot | folder | miniimagenet | sinusoid (regression tasks, no images)
     image_size: int = 28
+    # Pillow filter of the image resize (omniglot, folder): lanczos | nearest (Snell et al.'s Omniglot
+    # loader: binary images) | bilinear | bicubic | box | hamming
+    resize: str = "lanczos"
     data_dir: str | None = None  # default: $METALOOP_DATA or ~/.cache/metaloop
     root: str | None = None  # image folder root (name: folder)
     train_split: str = "train"

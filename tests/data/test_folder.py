@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from metaloop.config import config_from_dict
 from metaloop.data import DATASETS, folder_split_classes, glyphs, load_dataset
 from metaloop.data.folder import load_image_files, load_image_folder
+from metaloop.tasks.source import TaskSource
 
 
 def _save(path: Path, image: Image.Image, **kwargs) -> Path:
@@ -155,6 +157,35 @@ def test_folder_registry_errors(tmp_path):
     with pytest.raises(ValueError, match="valid names: omniglot, glyphs, folder"):
         load_dataset("mnist")
     assert DATASETS == ("omniglot", "glyphs", "folder", "miniimagenet")
+
+
+def test_resize_filter(image_root, tmp_path):
+    """data.resize reaches folder images and is recorded; glyphs and miniImageNet refuse it."""
+    stripes = Image.new("L", (9, 9), 0)
+    for x in range(0, 9, 2):
+        for y in range(9):
+            stripes.putpixel((x, y), 255)
+    _save(image_root / "zebra" / "s.png", stripes)
+    nearest = load_image_folder(image_root, image_size=4, resize="nearest")
+    lanczos = load_image_folder(image_root, image_size=4)
+    assert nearest.transform.resize == "nearest" and lanczos.transform.resize == "lanczos"
+    zebra = nearest.class_names.index("zebra")
+    assert set(nearest.class_images(zebra).unique().tolist()) <= {0, 255}
+    assert not torch.equal(nearest.class_images(zebra), lanczos.class_images(zebra))
+    registry = load_dataset("folder", "all", root=image_root, image_size=4, resize="nearest")
+    assert torch.equal(registry.images, nearest.images)
+    for name in ("glyphs", "miniimagenet"):
+        with pytest.raises(ValueError, match=f"resize='nearest' is for the omniglot and folder.*{name}"):
+            load_dataset(name, "train", data_dir=tmp_path, resize="nearest")
+
+
+def test_config_resize_reaches_the_task_source(tmp_path):
+    root = _many_classes(tmp_path / "many", 10)
+    data = {"name": "folder", "root": str(root), "image_size": 8}
+    for resize in ("lanczos", "nearest"):
+        config = config_from_dict({"data": {**data, "resize": resize}})
+        assert TaskSource(config).dataset("train").transform.resize == resize
+    assert config_from_dict({"data": data}).data.resize == "lanczos"  # configs written before the key
 
 
 def test_glyphs_forwarded(monkeypatch):

@@ -129,7 +129,8 @@ def _decoder_from(cache_file: Path):
     payload = torch.load(cache_file, weights_only=True)
     calls = []
 
-    def fake(root, archives, image_size):
+    def fake(root, archives, image_size, resize):
+        assert resize == "lanczos"
         calls.append(image_size)
         return payload["images"].clone(), list(payload["characters"])
 
@@ -288,6 +289,9 @@ def test_bad_arguments(tmp_path):
         load_omniglot("training", data_dir=tmp_path)
     with pytest.raises(ValueError, match="image_size"):
         load_omniglot("train", image_size=0, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="resize must be one of lanczos, bicubic"):
+        load_omniglot("train", data_dir=tmp_path, resize="cubic", download=False)
+    assert list(tmp_path.iterdir()) == []  # refused before looking for files
 
 
 def test_decode_png_convention():
@@ -300,6 +304,28 @@ def test_decode_png_convention():
     out = om.decode_png(buf.getvalue(), 28)
     assert out.shape == (28, 28) and out.dtype == np.uint8
     assert out[0, 0] == 0 and out[14, 13] >= 250  # background 0, ink ~255 (Lanczos may ring by 1-2)
+
+
+def _diagonal_stroke() -> Image.Image:
+    im = Image.new("1", (105, 105), 1)  # white paper
+    for x in range(10, 95):
+        for w in range(6):
+            im.putpixel((x, min(104, x + w)), 0)  # a black diagonal stroke, 6 pixels thick
+    return im
+
+
+def test_nearest_resize_is_snells_loader():
+    """resize="nearest" gives the binary images of Snell et al.'s loader (``Image.resize`` of the 1-bit
+    PNG, then ``1 - x``), up to its scale (ink 255 here, 1 there); Lanczos gives grey edges."""
+    im = _diagonal_stroke()
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    nearest = om.decode_png(buf.getvalue(), 28, "nearest")
+    snell = 1.0 - np.array(im.resize((28, 28)), np.float32)
+    assert np.array_equal(nearest.astype(np.float32) / 255, snell)
+    assert set(np.unique(nearest).tolist()) == {0, 255}
+    lanczos = om.decode_png(buf.getvalue(), 28)
+    assert len(np.unique(lanczos)) > 10 and not np.array_equal(lanczos, nearest)
 
 
 def test_decode_and_cache_on_small_fake(tmp_path, monkeypatch):
@@ -324,6 +350,18 @@ def test_decode_and_cache_on_small_fake(tmp_path, monkeypatch):
         "Alpha0b/character01/rot090"
     ]
     assert len(list((tmp_path / "cache").glob("omniglot-12-*.pt"))) == 1
+    # another resize filter: its own cache file, and the dataset records the filter
+    nearest = load_omniglot("background", image_size=12, data_dir=tmp_path / "data", resize="nearest")
+    assert nearest.transform.resize == "nearest" and ds.transform.resize == "lanczos"
+    assert len(list((tmp_path / "cache").glob("omniglot-12-nearest-*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("omniglot-12-*.pt"))) == 2
+    # a cache file holding another filter's images is rebuilt, not used
+    lanczos_cache = next(p for p in (tmp_path / "cache").glob("omniglot-12-*.pt") if "nearest" not in p.name)
+    nearest_cache = next((tmp_path / "cache").glob("omniglot-12-nearest-*.pt"))
+    shutil.copy(lanczos_cache, nearest_cache)
+    with pytest.warns(UserWarning, match="unusable .*rebuilding"):
+        load_omniglot("background", image_size=12, data_dir=tmp_path / "data", resize="nearest")
+    assert torch.load(nearest_cache, weights_only=True)["resize"] == "nearest"
     # flip bytes inside one stored PNG: new hash, so no cache hit, and the decode fails clearly
     path = folder / "images_evaluation.zip"
     data = bytearray(path.read_bytes())

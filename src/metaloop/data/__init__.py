@@ -54,6 +54,7 @@ def load_dataset(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     channels: int = 1,
+    resize: str = "lanczos",
 ) -> ClassImages:
     """Load dataset ``name`` (one of :data:`DATASETS`) as uint8 ``[N, C, S, S]`` images grouped by class.
 
@@ -65,11 +66,19 @@ def load_dataset(
         seed: glyph generation seed; for ``"folder"``, the seed of the class split.
         root: the image folder, required for ``"folder"``.
         channels: 1 or 3, only for ``"folder"`` (Omniglot and glyphs are grayscale, miniImageNet is RGB).
+        resize: the Pillow filter image files are resized with (a key of
+            :data:`~metaloop.data.transform.RESIZE_FILTERS`), only for ``"omniglot"`` and ``"folder"``:
+            the glyphs are drawn at their size and miniImageNet's cache holds Lanczos images.
     """
+    if resize != "lanczos" and name in ("glyphs", "miniimagenet"):
+        raise ValueError(
+            f"resize={resize!r} is for the omniglot and folder datasets; {name} images are "
+            "always resized with lanczos: leave data.resize at lanczos"
+        )
     if name == "omniglot":
         from metaloop.data.omniglot import load_omniglot
 
-        return load_omniglot(split, image_size=image_size, data_dir=data_dir)
+        return load_omniglot(split, image_size=image_size, data_dir=data_dir, resize=resize)
     if name == "glyphs":
         from metaloop.data.glyphs import load_glyphs
 
@@ -84,7 +93,9 @@ def load_dataset(
             raise ValueError(f"unknown folder split {split!r}; valid splits: {', '.join(FOLDER_SPLITS)}")
         label = f"folder/{Path(root).expanduser().name}/{split}"
         if split == "all":
-            return load_image_folder(root, image_size=image_size, channels=channels, name=label)
+            return load_image_folder(
+                root, image_size=image_size, channels=channels, name=label, resize=resize
+            )
         classes = list_image_folder(root)
         ids = folder_split_classes(len(classes), split, seed)
         if len(ids) < 2:
@@ -93,7 +104,7 @@ def load_dataset(
                 "class(es); few-shot tasks need at least 2. Add classes or use split='all'."
             )
 
-        transform = InputTransform(image_size, channels)
+        transform = InputTransform(image_size, channels, resize=resize)
         per_class = [transform.load_files(classes[i][1]) for i in ids]
         return ClassImages.from_classes(per_class, [classes[i][0] for i in ids], label, transform)
     if name == "miniimagenet":

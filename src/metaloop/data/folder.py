@@ -8,8 +8,8 @@ Images are converted by :class:`metaloop.data.transform.InputTransform` (recorde
 and with every model trained on it): pixels are taken as they are (unlike Omniglot, nothing is
 inverted unless ``invert=True``); each image is converted to "L" (``channels=1``) or "RGB"
 (``channels=3``) after flattening any transparency onto white, then resized to
-``image_size x image_size`` with Lanczos, without keeping the aspect ratio (crop or pad beforehand if
-that matters). Animated GIF/WebP files give their first frame.
+``image_size x image_size`` with Lanczos (or the ``resize`` filter), without keeping the aspect ratio
+(crop or pad beforehand if that matters). Animated GIF/WebP files give their first frame.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def load_image_folder(
     channels: int = 1,
     name: str | None = None,
     invert: bool = False,
+    resize: str = "lanczos",
 ) -> ClassImages:
     """Load ``root/<class_name>/*.{png,jpg,jpeg,bmp,gif,webp}`` as uint8 ``[N, C, S, S]`` by class.
 
@@ -87,13 +88,15 @@ def load_image_folder(
         channels: 1 ("L") or 3 ("RGB").
         name: dataset name for messages; default ``"folder/<root name>"``.
         invert: store ``255 - pixel`` (use for dark ink on light paper to match Omniglot's ink = 255).
+        resize: the Pillow filter of the resize, a key of
+            :data:`~metaloop.data.transform.RESIZE_FILTERS`.
 
     Raises:
         FileNotFoundError / NotADirectoryError: ``root`` is missing or not a folder.
         ValueError: no class folders, a class without images, fewer than 2 classes, or an unreadable
             image (named in the message).
     """
-    transform = InputTransform(image_size, channels, invert)
+    transform = InputTransform(image_size, channels, invert, resize)
     classes = list_image_folder(root)
     per_class = [transform.load_files(files) for _, files in classes]
     name = name or f"folder/{Path(root).expanduser().name}"

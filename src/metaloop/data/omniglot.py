@@ -16,14 +16,15 @@ Splits:
 * ``"background"`` (964 classes) and ``"evaluation"`` (659): Lake's own split, no rotations.
 
 Images: uint8 ``[1, S, S]``, ink = 255 and background = 0. Each 105x105 1-bit PNG is converted to
-"L", resized with Lanczos (Pillow's former ANTIALIAS) and inverted, by the
-:class:`~metaloop.data.transform.InputTransform` that models trained on it record, so ``metaloop
-predict`` reads the same PNG into the same array. Snell's loader differs in two ways that do not
-change the task: it resizes the 1-bit image, which Pillow always does with nearest neighbour, and it
-transposes every image.
+"L", resized with Lanczos (Pillow's former ANTIALIAS; ``resize="nearest"`` or another Pillow filter
+on request) and inverted, by the :class:`~metaloop.data.transform.InputTransform` that models trained
+on it record, so ``metaloop predict`` reads the same PNG into the same array. Snell's loader resizes
+the 1-bit image, which Pillow always does with nearest neighbour: its images are ``resize="nearest"``
+ones, binary (0 or 255). It also transposes every image, which only mirrors the task.
 
 The first load decodes all 32,460 images once (unrotated) and caches them in
-``default_cache_dir(data_dir)/omniglot-<S>-<hash>.pt``, keyed by the sha256 of both zips; later loads
+``default_cache_dir(data_dir)/omniglot-<S>-<hash>.pt`` (``omniglot-<S>-<filter>-<hash>.pt`` for a
+filter other than Lanczos), keyed by the sha256 of both zips; later loads
 read that file. Files already on disk are checked for structure (alphabet, character and image counts,
 split line counts); files that are absent are downloaded and must match a known checksum.
 """
@@ -258,19 +259,20 @@ def verify_omniglot(data_dir: str | Path | None = None) -> list[str]:
     return report
 
 
-def decode_png(data: bytes, image_size: int) -> np.ndarray:
+def decode_png(data: bytes, image_size: int, resize: str = "lanczos") -> np.ndarray:
     """One Omniglot PNG -> uint8 ``[S, S]``, ink = 255: :func:`omniglot_transform` applied to it."""
     with Image.open(BytesIO(data)) as im:
-        return omniglot_transform(image_size).from_pil(im)[0]
+        return omniglot_transform(image_size, resize).from_pil(im)[0]
 
 
-def omniglot_transform(image_size: int) -> InputTransform:
-    """How Omniglot's PNG files (black ink on white) become images: "L", Lanczos resize, inverted."""
-    return dataset_transform("omniglot", image_size, channels=1)
+def omniglot_transform(image_size: int, resize: str = "lanczos") -> InputTransform:
+    """How Omniglot's PNG files (black ink on white) become images: "L", resized with Pillow's
+    ``resize`` filter (Lanczos unless asked otherwise), inverted."""
+    return dataset_transform("omniglot", image_size, channels=1, resize=resize)
 
 
 def _decode_archives(
-    root: Path, archives: dict[str, list[tuple[str, list[str]]]], image_size: int
+    root: Path, archives: dict[str, list[tuple[str, list[str]]]], image_size: int, resize: str
 ) -> tuple[torch.Tensor, list[str]]:
     """Decode every image: uint8 ``[num_chars * 20, 1, S, S]`` and the character names, in order."""
     out = np.empty(
@@ -287,7 +289,7 @@ def _decode_archives(
                     characters.append(char)
                     for member in members:
                         try:
-                            out[i] = decode_png(zf.read(member), image_size)
+                            out[i] = decode_png(zf.read(member), image_size, resize)
                         except (UnidentifiedImageError, OSError, ValueError, zlib.error) as e:
                             raise OmniglotError(
                                 f"{path}: cannot decode {member}: {e}. {_fix(root, rel)}"
@@ -298,7 +300,9 @@ def _decode_archives(
     return torch.from_numpy(out).unsqueeze(1), characters
 
 
-def _read_cache(path: Path, image_size: int, digest: str) -> tuple[torch.Tensor, list[str]] | None:
+def _read_cache(
+    path: Path, image_size: int, resize: str, digest: str
+) -> tuple[torch.Tensor, list[str]] | None:
     if not path.is_file():
         return None
     try:
@@ -308,6 +312,7 @@ def _read_cache(path: Path, image_size: int, digest: str) -> tuple[torch.Tensor,
         ok = (
             payload["format"] == _CACHE_FORMAT
             and payload["sha256"] == digest
+            and payload.get("resize", "lanczos") == resize
             and isinstance(images, torch.Tensor)
             and images.dtype == torch.uint8
             and tuple(images.shape) == (n, 1, image_size, image_size)
@@ -322,17 +327,24 @@ def _read_cache(path: Path, image_size: int, digest: str) -> tuple[torch.Tensor,
     return None
 
 
-def _load_all(root: Path, image_size: int) -> tuple[torch.Tensor, list[str]]:
+def _load_all(root: Path, image_size: int, resize: str) -> tuple[torch.Tensor, list[str]]:
     """All 1,623 characters, unrotated: uint8 ``[32460, 1, S, S]`` and ``"Alphabet/characterNN"`` names."""
     combined = hashlib.sha256("".join(sha256_of(root / rel) for rel in ARCHIVES).encode()).hexdigest()
-    cache = default_cache_dir(root.parent) / f"omniglot-{image_size}-{combined[:16]}.pt"
-    cached = _read_cache(cache, image_size, combined)
+    size = f"{image_size}" if resize == "lanczos" else f"{image_size}-{resize}"
+    cache = default_cache_dir(root.parent) / f"omniglot-{size}-{combined[:16]}.pt"
+    cached = _read_cache(cache, image_size, resize, combined)
     if cached is not None:
         # Same zip bytes as when the cache was built, and they passed the structure check then.
         return cached
     archives = _check_structure(root)
-    images, characters = _decode_archives(root, archives, image_size)
-    payload = {"format": _CACHE_FORMAT, "sha256": combined, "characters": characters, "images": images}
+    images, characters = _decode_archives(root, archives, image_size, resize)
+    payload = {
+        "format": _CACHE_FORMAT,
+        "sha256": combined,
+        "resize": resize,
+        "characters": characters,
+        "images": images,
+    }
     try:
         atomic_torch_save(payload, cache)
     except OSError as e:
@@ -347,6 +359,7 @@ def load_omniglot(
     image_size: int = 28,
     data_dir: str | Path | None = None,
     download: bool = True,
+    resize: str = "lanczos",
 ) -> ClassImages:
     """Load one Omniglot split as uint8 ``[K * 20, 1, S, S]`` images, 20 per class, ink = 255.
 
@@ -355,6 +368,9 @@ def load_omniglot(
         image_size: ``S``, the side of the square images (105 keeps the originals).
         data_dir: folder holding ``omniglot/``; default ``$METALOOP_DATA`` or ``~/.cache/metaloop``.
         download: fetch absent files (checksums must be known); if False, missing files are an error.
+        resize: the Pillow filter of the 105 -> ``S`` resize, a key of
+            :data:`~metaloop.data.transform.RESIZE_FILTERS`; ``"nearest"`` gives the binary images
+            of Snell et al.'s loader.
 
     Class names are ``"Alphabet/characterNN/rotDDD"`` for the Vinyals splits and
     ``"Alphabet/characterNN"`` for ``"background"`` / ``"evaluation"``.
@@ -363,9 +379,10 @@ def load_omniglot(
         raise ValueError(f"unknown Omniglot split {split!r}; valid splits: {', '.join(OMNIGLOT_SPLITS)}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    transform = omniglot_transform(image_size, resize)  # checks the filter name before any work
     root = _root(data_dir)
     _ensure_files(root, download)
-    all_images, characters = _load_all(root, image_size)
+    all_images, characters = _load_all(root, image_size, resize)
     index = {c: i for i, c in enumerate(characters)}
     if split in VINYALS_SPLITS:
         lines = read_split(root / f"splits/vinyals/{split}.txt", split, set(index))
@@ -391,7 +408,7 @@ def load_omniglot(
         offsets,
         names,
         f"omniglot/{split}",
-        omniglot_transform(image_size),
+        transform,
     )
 
 

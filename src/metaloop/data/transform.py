@@ -160,10 +160,12 @@ class InputTransform:
         return (float(inputs.double().mean()) - self.low) / (self.high - self.low)
 
 
-def dataset_transform(name: str, image_size: int, channels: int = 1) -> InputTransform:
+def dataset_transform(
+    name: str, image_size: int, channels: int = 1, resize: str = "lanczos"
+) -> InputTransform:
     """The transform of built-in dataset ``name`` (the first of a mixture ``"omniglot+glyphs"``):
     Omniglot and glyphs are inverted (see the module docstring), image folders and miniImageNet not."""
-    return InputTransform(image_size, channels, invert=name.split("+")[0] in DARK_ON_LIGHT)
+    return InputTransform(image_size, channels, invert=name.split("+")[0] in DARK_ON_LIGHT, resize=resize)
 
 
 def training_record(datasets: Sequence[ClassImages]) -> dict[str, Any] | None:
@@ -193,7 +195,7 @@ def checkpoint_transform(state: dict[str, Any]) -> InputTransform | None:
     if data["name"] == "sinusoid":
         return None
     channels = int(state["hparams"].get("in_channels", 1))
-    return dataset_transform(data["name"], int(data["image_size"]), channels)
+    return dataset_transform(data["name"], int(data["image_size"]), channels, data.get("resize", "lanczos"))
 
 
 def check_same_input(model: InputTransform | None, data: InputTransform | None, what: str) -> None:

@@ -49,6 +49,7 @@ class TaskSource:
                     data_dir=data.data_dir,
                     seed=self.config.seed,
                     root=data.root,
+                    resize=data.resize,
                 )
                 for name in self.names
             ]
