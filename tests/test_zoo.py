@@ -18,7 +18,7 @@ def tiny_zoo(image_folder, tmp_path, tiny_cli_args, monkeypatch):
     model.mkdir(parents=True)
     for name in ("best.pt", "config.yaml", "result.json"):
         shutil.copy(tmp_path / "run" / name, model / name)
-    zoo.write_checksums(model)
+    zoo.write_checksums(str(model))  # a str as in docs/zoo.md
     monkeypatch.setenv("METALOOP_ZOO", str(tmp_path / "zoo"))
     return model
 

@@ -85,8 +85,11 @@ def resolve(spec: str | Path) -> Path:
     return run_folder(spec) if is_zoo(spec) else Path(spec)
 
 
-def write_checksums(folder: Path, files: tuple[str, ...] = ("best.pt", "config.yaml", "result.json")) -> None:
+def write_checksums(
+    folder: str | os.PathLike, files: tuple[str, ...] = ("best.pt", "config.yaml", "result.json")
+) -> None:
     """Write ``folder/SHA256SUMS`` for ``files`` (used when a finished run is added to the zoo)."""
+    folder = Path(folder)
     lines = [f"{sha256(folder / filename)}  {filename}" for filename in files]
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
 
