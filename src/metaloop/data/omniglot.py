@@ -330,8 +330,8 @@ def _read_cache(
 def _load_all(root: Path, image_size: int, resize: str) -> tuple[torch.Tensor, list[str]]:
     """All 1,623 characters, unrotated: uint8 ``[32460, 1, S, S]`` and ``"Alphabet/characterNN"`` names."""
     combined = hashlib.sha256("".join(sha256_of(root / rel) for rel in ARCHIVES).encode()).hexdigest()
-    size = f"{image_size}" if resize == "lanczos" else f"{image_size}-{resize}"
-    cache = default_cache_dir(root.parent) / f"omniglot-{size}-{combined[:16]}.pt"
+    variant = f"{image_size}" if resize == "lanczos" else f"{image_size}-{resize}"
+    cache = default_cache_dir(root.parent) / f"omniglot-{variant}-{combined[:16]}.pt"
     cached = _read_cache(cache, image_size, resize, combined)
     if cached is not None:
         # Same zip bytes as when the cache was built, and they passed the structure check then.

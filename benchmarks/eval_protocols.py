@@ -13,9 +13,9 @@ the differences in training (the paper's 1,200 random training characters agains
 Each cell draws its episodes from a sampler seeded with the checkpoint's ``eval.seed``, as ``metaloop
 eval`` does, so the ``all`` cells equal ``metaloop eval --checkpoint RUN --queries Q --episodes N``.
 
-Run: OMP_NUM_THREADS=1 python benchmarks/test_protocols.py --checkpoint runs/reptile_omniglot_5w1s_100k \
+Run: OMP_NUM_THREADS=1 python benchmarks/eval_protocols.py --checkpoint runs/reptile_omniglot_5w1s_100k \
     --classes rot000 --queries 15 1 --episodes 1000 2000
-(reads Omniglot from $METALOOP_DATA; writes benchmarks/results/test_protocols_<run folder name>.json)
+(reads Omniglot from $METALOOP_DATA; writes benchmarks/results/eval_protocols_<run folder name>.json)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLASS_SETS = ("all", "rot000")
 
 
-def test_classes(dataset: ClassImages, which: str) -> ClassImages:
+def protocol_classes(dataset: ClassImages, which: str) -> ClassImages:
     """``dataset`` itself (``"all"``) or its unrotated classes (``"rot000"``)."""
     if not all(name.rsplit("/", 1)[-1].startswith("rot") for name in dataset.class_names):
         raise SystemExit(
@@ -74,7 +74,7 @@ def main() -> None:
     ev = config.eval
     cells = []
     for which in args.classes:
-        classes = test_classes(test, which)
+        classes = protocol_classes(test, which)
         for queries, episodes in zip(args.queries, args.episodes, strict=True):
             sampler = EpisodeSampler(classes, ev.ways, ev.shots, queries, seed=ev.seed)
             start = time.perf_counter()
@@ -89,7 +89,7 @@ def main() -> None:
             )
             print(f"{which} ({classes.num_classes} classes), {queries} per class: {result}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"test_protocols_{path.resolve().name}.json"
+    out = RESULTS / f"eval_protocols_{path.resolve().name}.json"
     record = {
         "checkpoint": str(args.checkpoint),
         "algorithm": state["algorithm"],
