@@ -83,6 +83,21 @@ def test_resumed_run_ends_like_an_uninterrupted_one(image_folder, tmp_path):
     assert metric_lines(tmp_path / "whole") == metric_lines(tmp_path / "split")
 
 
+def test_a_run_resumed_without_its_best_pt_selects_its_model_again(image_folder, tmp_path, caplog):
+    """A run folder carried with only last.pt: resuming says the earlier best model is lost and
+    the next validation writes best.pt, so the run still ends with a tested model."""
+    run(tiny_config(image_folder, tmp_path / "run", "train.steps=6"), progress=False)
+    (tmp_path / "run" / "best.pt").unlink()
+    with caplog.at_level("WARNING", logger="metaloop.train"):
+        run(tiny_config(image_folder, tmp_path / "run"), resume=True, progress=False)
+    assert "best.pt is missing" in caplog.text and "model selection starts again" in caplog.text
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["step"] == 12
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    missing = [r for r in records if r.get("event") == "best_missing"]
+    assert len(missing) == 1 and missing[0]["step"] == 6 and missing[0]["lost_best_val"] > 0
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["best_step"] == 12
+
+
 def test_checkpoint_round_trip(image_folder, tmp_path):
     config = tiny_config(image_folder, tmp_path / "run")
     run(config, progress=False)

@@ -259,7 +259,28 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.state = RunState(**state["run_state"])
         distributed.on_main(self._trim_metrics)
+        self._restart_selection_if_best_is_missing()
         self._join_ranks()
+
+    def _restart_selection_if_best_is_missing(self) -> None:
+        """A run folder copied without its ``best.pt`` (only ``last.pt`` carried to a new machine)
+        would end with no model to test if no later validation beat the lost one: say so, and let
+        the next validation write ``best.pt``, so the test uses the best model validated from now on.
+        """
+        s = self.state
+        if s.best_val == -float("inf") or (self.run_dir / "best.pt").is_file():
+            return
+        log.warning(
+            "%s/best.pt is missing: the best model validated before step %d (score %.4f) is lost; "
+            "model selection starts again, so the test will use the best model validated from now "
+            "on (to keep the earlier one, stop and copy that run's best.pt into %s, then resume)",
+            self.run_dir,
+            s.step,
+            s.best_val,
+            self.run_dir,
+        )
+        self._log({"step": s.step, "event": "best_missing", "lost_best_val": s.best_val})
+        s.best_val, s.validations_without_improvement = -float("inf"), 0
 
     def _trim_metrics(self) -> None:
         """Keep the metric lines of steps up to the loaded checkpoint's (complete lines only)."""
