@@ -15,7 +15,7 @@ eval`` does, so the ``all`` cells equal ``metaloop eval --checkpoint RUN --queri
 
 Run: OMP_NUM_THREADS=1 python benchmarks/eval_protocols.py --checkpoint runs/reptile_omniglot_5w1s_100k \
     --classes rot000 --queries 15 1 --episodes 1000 2000
-(reads Omniglot from $METALOOP_DATA; writes benchmarks/results/eval_protocols_<run folder name>.json)
+(reads Omniglot from $METALOOP_DATA; writes benchmarks/results/eval_protocols_<run folder or file name>.json)
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def main() -> None:
             )
             print(f"{which} ({classes.num_classes} classes), {queries} per class: {result}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"eval_protocols_{path.resolve().name}.json"
+    out = RESULTS / f"eval_protocols_{path.resolve().name if path.is_dir() else path.stem}.json"
     record = {
         "checkpoint": str(args.checkpoint),
         "algorithm": state["algorithm"],
+        "step": state.get("step", state.get("run_state", {}).get("step")),
         "test_split": config.data.test_split,
         "ways": ev.ways,
         "shots": ev.shots,
