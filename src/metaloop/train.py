@@ -270,14 +270,16 @@ class Trainer:
         s = self.state
         if s.best_val == -float("inf") or (self.run_dir / "best.pt").is_file():
             return
-        log.warning(
-            "%s/best.pt is missing: the best model validated before step %d (score %.4f) is lost; "
-            "model selection starts again, so the test will use the best model validated from now "
-            "on (to keep the earlier one, stop and copy that run's best.pt into %s, then resume)",
-            self.run_dir,
-            s.step,
-            s.best_val,
-            self.run_dir,
+        distributed.on_main(
+            lambda: log.warning(
+                "%s/best.pt is missing: the best model validated before step %d (score %.4f) is lost; "
+                "model selection starts again, so the test will use the best model validated from now "
+                "on (to keep the earlier one, stop and copy that run's best.pt into %s, then resume)",
+                self.run_dir,
+                s.step,
+                s.best_val,
+                self.run_dir,
+            )
         )
         self._log({"step": s.step, "event": "best_missing", "lost_best_val": s.best_val})
         s.best_val, s.validations_without_improvement = -float("inf"), 0
