@@ -78,3 +78,18 @@ def test_unknown_algorithm_lists_the_available_ones():
     expected = f"unknown algorithm 'mamll'; available: {', '.join(sorted(LEARNERS))}$"
     with pytest.raises(ValueError, match=expected):
         build_learner("mamll")
+
+
+def test_conv4_batch_norm_scales_start_as_asked():
+    torch.manual_seed(0)
+    ones = ProtoNet()
+    uniform = ProtoNet(backbone_args={"norm_scale_init": "uniform"})
+    for default, drawn in zip(ones.encoder.blocks, uniform.encoder.blocks, strict=True):
+        assert torch.equal(default[1].weight, torch.ones(64))
+        scales = drawn[1].weight
+        assert ((scales >= 0) & (scales < 1)).all() and scales.std() > 0.1
+    assert uniform.hparams["backbone_args"] == {"norm_scale_init": "uniform"}
+    with pytest.raises(ValueError, match="norm_scale_init must be one of ones, uniform; got 'normal'"):
+        ProtoNet(backbone_args={"norm_scale_init": "normal"})
+    with pytest.raises(ValueError, match="takes backbone_args norm_scale_init; got width"):
+        ProtoNet(backbone_args={"width": 4})

@@ -157,7 +157,8 @@ def embedding_backbone(
     backbone: nn.Module | str, in_channels: int, hidden: int, args: Mapping[str, Any] | None
 ) -> tuple[nn.Module, str]:
     """The embedding network of an embedding learner (images ``[B, C, H, W]`` -> ``[B, D]``) and the
-    backbone it records: a module passed in, ``"conv4"`` (:class:`Conv4` with ``hidden`` filters),
+    backbone it records: a module passed in, ``"conv4"`` (:class:`Conv4` with ``hidden`` filters,
+    ``args``: norm_scale_init),
     ``"resnet12"`` (:class:`ResNet12`, ``args``: widths, drop_rate, block_size) or an import path."""
     from metaloop.nn.conv4 import Conv4
     from metaloop.nn.resnet12 import ResNet12
@@ -167,7 +168,7 @@ def embedding_backbone(
     check_backbone_name(backbone)
     check_rebuildable(backbone)
     if backbone == "conv4":
-        return Conv4(in_channels, hidden, **_builtin_args(backbone, args, ())), backbone
+        return Conv4(in_channels, hidden, **_builtin_args(backbone, args, ("norm_scale_init",))), backbone
     if backbone == "resnet12":
         kwargs = _builtin_args(backbone, args, ("widths", "drop_rate", "block_size"))
         return ResNet12(in_channels, **kwargs), backbone
