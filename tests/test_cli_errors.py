@@ -71,6 +71,24 @@ def test_cuda_with_no_gpu_visible(command, trained_run, tmp_path, capsys, monkey
     one_error_line(argv, capsys, "asks for a GPU, but none is visible")
 
 
+def test_a_run_trained_on_a_gpu_is_evaluated_on_the_cpu_of_a_machine_without_one(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    assert main(["eval", "--checkpoint", str(trained_run / "best.pt"), "--no-progress"]) == 0
+    on_cpu = capsys.readouterr().out
+    state = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=False)
+    state["config"]["device"] = "cuda"
+    torch.save(state, tmp_path / "gpu_trained.pt")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert main(["eval", "--checkpoint", str(tmp_path / "gpu_trained.pt"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "trained on 'cuda', which this machine lacks; evaluating on the CPU" in captured.err
+    assert captured.out == on_cpu  # the same episodes, the same numbers
+    one_error_line(  # asked for by name, a missing GPU is still an error
+        ["eval", "--checkpoint", str(tmp_path / "gpu_trained.pt"), "--device", "cuda"], capsys, "without CUDA"
+    )
+
+
 def test_a_device_in_a_recipe_is_checked_too(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"device": "gpu", "run_dir": str(tmp_path / "run")}))

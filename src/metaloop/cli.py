@@ -17,7 +17,7 @@ from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import load_checkpoint
 from metaloop.cli_errors import check_data_dir, check_settings, log_to_console, run_command
 from metaloop.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
-from metaloop.device import DEVICE_NAMES, check_device
+from metaloop.device import DEVICE_NAMES, check_device, saved_device_or_cpu
 from metaloop.recipebook import all_recipes, recipe_path
 
 EXAMPLES = """examples:
@@ -98,8 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.test_split={args.split}")
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    if args.device:
-        overrides.append(f"device={args.device}")
+    overrides.append(f"device={args.device or saved_device_or_cpu(state['config'].get('device', 'auto'))}")
     config = config_from_dict(apply_overrides(state["config"], overrides))
     check_settings(config)
     adapts_by_gradient = learner_class(state["algorithm"]).adapts_by_gradient
@@ -358,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
     ev.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
-    ev.add_argument("--device", help=f"{DEVICE_NAMES} (default: the run's device setting)")
+    ev.add_argument(
+        "--device",
+        help=f"{DEVICE_NAMES} (default: the run's device setting; the CPU where this machine lacks its GPU)",
+    )
     ev.add_argument(
         "--attack",
         metavar="NAME",

@@ -37,6 +37,7 @@ from metaloop.checkpoint import load_checkpoint
 from metaloop.config import Config, config_from_dict, load_config
 from metaloop.data.base import ClassImages
 from metaloop.data.transform import check_same_input, checkpoint_transform
+from metaloop.device import saved_device_or_cpu
 from metaloop.evaluate import confidence_interval, episode_metrics
 from metaloop.learners import learner_class, learner_from_checkpoint
 from metaloop.tasks.episodes import EpisodeSampler
@@ -441,7 +442,8 @@ def compare(
         train_overrides: ``["train.steps=N", "train.max_minutes=M"]``, the budget every recipe is
             trained with; None: recipes must already have a finished run at their ``run_dir``.
         reference: the label paired differences are taken against (default: the first learner's).
-        device: where to evaluate (default: the first run's ``device`` setting).
+        device: where to evaluate (default: the first run's ``device`` setting, or the CPU where this
+            machine lacks that GPU).
     """
     if episodes < 2:
         raise ValueError(f"a confidence interval needs at least 2 episodes, got --episodes {episodes}")
@@ -458,7 +460,7 @@ def compare(
         if c.train:
             train_contender(c, progress)
     check_labels(found, cells)
-    evaluation_device = distributed.local_device(device or found[0].config.device)
+    evaluation_device = distributed.local_device(device or saved_device_or_cpu(found[0].config.device))
     learners, values = [], {label: {} for label in labels}
     for c in found:
         described, by_cell = episode_values(c, source, cells, episodes, seed, evaluation_device, progress)

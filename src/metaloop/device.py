@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 
@@ -47,3 +48,24 @@ def check_device(name: str | torch.device) -> torch.device | None:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"device {name!r}: Apple's Metal (MPS) backend is not available on this machine")
     return device
+
+
+def saved_device_or_cpu(name: str) -> str:
+    """The device a saved run names (its ``device`` setting), or ``"cpu"`` where this machine lacks it.
+
+    For evaluating a checkpoint elsewhere than it was trained (a model trained on a GPU, evaluated on a
+    laptop): with no ``--device`` given, a GPU the run used but this machine lacks falls back to the
+    CPU, saying so on stderr. A misspelt name still raises :class:`DeviceError`.
+    """
+    if name == "auto" or not re.fullmatch(r"mps|cuda(:\d+)?", str(name)):
+        check_device(name)
+        return name
+    try:
+        check_device(name)
+    except DeviceError:
+        print(
+            f"metaloop: the run was trained on {name!r}, which this machine lacks; evaluating on the CPU",
+            file=sys.stderr,
+        )
+        return "cpu"
+    return name
