@@ -57,12 +57,11 @@ def saved_device_or_cpu(name: str) -> str:
     laptop): with no ``--device`` given, a GPU the run used but this machine lacks falls back to the
     CPU, saying so on stderr. A misspelt name still raises :class:`DeviceError`.
     """
-    if name == "auto" or not re.fullmatch(r"mps|cuda(:\d+)?", str(name)):
-        check_device(name)
-        return name
     try:
         check_device(name)
     except DeviceError:
+        if not re.fullmatch(r"mps|cuda(:\d+)?", name):  # a misspelt name, not a missing device
+            raise
         print(
             f"metaloop: the run was trained on {name!r}, which this machine lacks; evaluating on the CPU",
             file=sys.stderr,
