@@ -76,3 +76,27 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path
         json.loads((killed / "result.json").read_text())["mean"]
         == json.loads((tmp_path / "whole" / "result.json").read_text())["mean"]
     )
+
+
+def test_sigterm_saves_the_step_it_stopped_after_and_says_how_to_resume(image_folder, tmp_path):
+    """The command line's side of metaloop.interrupt: exit code 143, one line naming the step and the
+    resume command, and last.pt at that step (mid-way between checkpoints, most of the time)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        train_command(image_folder, run_dir), env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (run_dir / "metrics.jsonl").exists() and len(metric_lines(run_dir)) >= 3
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    step = load_checkpoint(run_dir / "last.pt")["run_state"]["step"]
+    assert 0 < step < 400
+    assert f"stopped by SIGTERM after step {step} of 400" in stderr
+    assert f"metaloop train --resume {run_dir}" in stderr
+    assert metric_lines(run_dir)[-1] == {"step": step, "event": "interrupted", "signal": "SIGTERM"}
+    assert not (run_dir / "result.json").exists()

@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from conftest import episode_accuracies
 
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.config import ConfigError, load_config
+from metaloop.interrupt import StopRequest, TrainingInterrupted
 from metaloop.learners import learner_from_checkpoint
 from metaloop.tasks.source import TaskSource
 from metaloop.train import Trainer, run
@@ -81,6 +84,58 @@ def test_resumed_run_ends_like_an_uninterrupted_one(image_folder, tmp_path):
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     assert metric_lines(tmp_path / "whole") == metric_lines(tmp_path / "split")
+
+
+def test_settings_changed_on_resume_are_named_and_written_to_config_yaml(image_folder, tmp_path, caplog):
+    run(tiny_config(image_folder, tmp_path / "run", "train.steps=6"), progress=False)
+    with caplog.at_level("INFO", logger="metaloop.train"):
+        run(tiny_config(image_folder, tmp_path / "run", "train.max_minutes=60"), resume=True, progress=False)
+    assert "settings changed on resume" in caplog.text
+    assert "train.max_minutes: None -> 60.0" in caplog.text and "train.steps: 6 -> 12" in caplog.text
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.train.steps == 12 and saved.train.max_minutes == 60.0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["train"]["max_minutes"] == 60.0
+
+
+def test_a_signal_stops_training_after_its_step_with_last_pt_saved_and_resume_is_exact(
+    image_folder, tmp_path, monkeypatch
+):
+    """SIGINT during step 4 (checkpoints every 6): the step finishes, last.pt holds step 4, nothing
+    is tested, and the resumed run ends exactly like an uninterrupted one."""
+    run(tiny_config(image_folder, tmp_path / "whole"), progress=False)
+    original = Trainer.train_step
+
+    def signalling(self):
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", signalling)
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT after step 4 of 12.*--resume") as stopped:
+        run(tiny_config(image_folder, tmp_path / "split"), progress=False)
+    assert stopped.value.exit_code == 130 and stopped.value.step == 4
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["run_state"]["step"] == 4
+    assert not (tmp_path / "split" / "result.json").exists()
+    assert metric_lines(tmp_path / "split")[-1] == {"step": 4, "event": "interrupted", "signal": "SIGINT"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.setattr(Trainer, "train_step", original)
+    run(tiny_config(image_folder, tmp_path / "split"), resume=True, progress=False)
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "last.pt")
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    events = [r for r in metric_lines(tmp_path / "split") if "event" in r]
+    assert events == [{"step": 4, "event": "interrupted", "signal": "SIGINT"}]
+    steps = [r for r in metric_lines(tmp_path / "split") if "event" not in r]
+    assert steps == metric_lines(tmp_path / "whole")
+
+
+def test_a_second_signal_stops_at_once():
+    request = StopRequest()
+    request.handle(signal.SIGTERM, None)
+    assert request.signal_name == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):
+        request.handle(signal.SIGINT, None)
 
 
 def test_a_run_resumed_without_its_best_pt_selects_its_model_again(image_folder, tmp_path, caplog):

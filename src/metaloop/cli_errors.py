@@ -26,6 +26,7 @@ from metaloop.config import Config, ConfigError
 from metaloop.data.download import DownloadError
 from metaloop.data.omniglot import OmniglotError
 from metaloop.device import check_device
+from metaloop.interrupt import TrainingInterrupted
 
 PACKAGE = Path(__file__).resolve().parent
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, OmniglotError, OSError)
@@ -55,9 +56,14 @@ def is_user_error(error: BaseException) -> bool:
 
 def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run ``handler(args)``; report a failure as the module docstring says and return its exit code:
-    2 for a user's mistake, 3 for a diverged training run, 1 otherwise."""
+    2 for a user's mistake, 3 for a diverged training run, 128 + the signal's number for a training
+    run stopped by SIGINT or SIGTERM (its ``last.pt`` saved), 1 otherwise."""
     try:
         return handler(args)
+    except TrainingInterrupted as error:  # not a failure: the run stopped where it was asked to
+        if distributed.is_main():
+            print(f"metaloop {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
     except distributed.DistributedError as error:  # its message names the rank
         return _one_line(args, error, 1, where="")
     except Exception as error:

@@ -260,3 +260,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def changed_settings(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for each dotted key whose value differs between two config dicts
+    (what ``--set`` changed when a run was resumed)."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old} -> {new}")
+    return changes

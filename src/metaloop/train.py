@@ -30,10 +30,18 @@ from metaloop import distributed
 from metaloop.algorithms import LEARNERS
 from metaloop.allocator import keep_freed_memory
 from metaloop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metaloop.config import Config, ConfigError, TrainConfig, config_from_dict, config_to_yaml
+from metaloop.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    changed_settings,
+    config_from_dict,
+    config_to_yaml,
+)
 from metaloop.data.transform import training_record
 from metaloop.evaluate import EvalResult, Sampler, evaluate, test_learner
 from metaloop.fileio import atomic_link, atomic_write_bytes
+from metaloop.interrupt import StopRequest, TrainingInterrupted, stop_on_signal
 from metaloop.learners import learner_from_checkpoint, learner_from_config
 from metaloop.metric_files import MetricsCsv, TensorBoardLog, check_tensorboard
 from metaloop.tasks.heterogeneous import backward_over_tasks
@@ -147,6 +155,7 @@ class Trainer:
         self.state = RunState()
         self.csv = MetricsCsv(self.run_dir / "metrics.csv", self.metrics_path)
         self.tensorboard: TensorBoardLog | None = None  # opened with the run folder (rank 0)
+        self.interrupted_by: str | None = None  # the signal that stopped fit(), if one did
         # what a file goes through to become an input, saved with the model (metaloop.data.transform)
         train_data = [] if self.tasks.regression else self.tasks.datasets(config.data.train_split)
         self.input_transform = training_record(train_data)
@@ -252,6 +261,7 @@ class Trainer:
             raise CheckpointError(
                 f"{self.run_dir}/last.pt is a {state.get('algorithm')} run, not {self.learner.name}"
             )
+        distributed.on_main(lambda: self._record_changed_settings(state["config"]))
         self.learner.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -261,6 +271,14 @@ class Trainer:
         distributed.on_main(self._trim_metrics)
         self._restart_selection_if_best_is_missing()
         self._join_ranks()
+
+    def _record_changed_settings(self, saved: dict[str, Any]) -> None:
+        """Settings changed on resume (``--set``) are the run's from now on (``last.pt`` saves them):
+        say which, and rewrite ``config.yaml`` so it shows the settings in force."""
+        changes = changed_settings(saved, {**self.config.to_dict(), "run_dir": saved.get("run_dir")})
+        if changes:
+            log.info("settings changed on resume (kept from now on): %s", "; ".join(changes))
+            atomic_write_bytes(self.run_dir / "config.yaml", config_to_yaml(self.config).encode())
 
     def _restart_selection_if_best_is_missing(self) -> None:
         """A run folder copied without its ``best.pt`` (only ``last.pt`` carried to a new machine)
@@ -386,7 +404,18 @@ class Trainer:
         The budget counts wall-clock time in this loop (steps, validations, checkpoints) across
         resumes; when it is spent the current model is validated and checkpointed like at the
         last step. Under torchrun the ranks agree on the slowest rank's clock, so all stop together.
+        SIGINT or SIGTERM ends the loop after the running step with ``last.pt`` saved there and
+        :class:`~metaloop.interrupt.TrainingInterrupted` raised (see :mod:`metaloop.interrupt`).
         """
+        with stop_on_signal() as request:
+            self._loop(request)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.interrupted_by is not None:
+            s = self.state
+            raise TrainingInterrupted(self.interrupted_by, s.step, self.config.train.steps, self.run_dir)
+
+    def _loop(self, request: StopRequest) -> None:
         t, s = self.config.train, self.state
         bar = tqdm(total=t.steps, initial=s.step, desc="meta-train", unit="step", disable=not self.progress)
         postfix: dict[str, str] = {}  # the bar's last train averages and validation
@@ -442,18 +471,21 @@ class Trainer:
                 bar.set_postfix(postfix)
                 patience = t.early_stop_patience
                 stop = patience is not None and s.validations_without_improvement >= patience
+            interrupted = distributed.max_over_ranks(float(request.signal_name is not None), self.device) > 0
             s.wall_seconds += time.perf_counter() - lap
-            if stop or last or s.step % t.checkpoint_every == 0:
+            if stop or last or interrupted or s.step % t.checkpoint_every == 0:
                 self._save_last()
             if stop:
                 self._log({"step": s.step, "event": "early_stop", "best_val": s.best_val})
             if out_of_time:
                 self._log({"step": s.step, "event": "time_budget", "minutes": t.max_minutes})
-            if stop or out_of_time:
+            if interrupted and not (stop or last):
+                # a rank that saw no signal itself was sent SIGTERM by torchrun too
+                self.interrupted_by = request.signal_name or "SIGTERM"
+                self._log({"step": s.step, "event": "interrupted", "signal": self.interrupted_by})
+            if stop or out_of_time or interrupted:
                 break
         bar.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
     def report_validation(self, val: EvalResult) -> dict[str, str]:
         """Log one line for a meta-validation (its mean ± 95% CI and the best so far); returns the
