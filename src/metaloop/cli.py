@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ways", type=int)
     ev.add_argument("--shots", type=int)
     ev.add_argument("--queries", type=int, help="queries per class")
-    ev.add_argument("--episodes", type=int, help="number of test episodes (default 1000)")
+    ev.add_argument(
+        "--episodes", type=int, help="test episodes (default: the run's eval.episodes, 1000 if unset)"
+    )
     ev.add_argument("--seed", type=int, help="seed of the test episodes")
     ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
