@@ -192,3 +192,16 @@ def test_train_seed_flag(trained_run, tiny_cli_args, image_folder, tmp_path, cap
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 3
     assert yaml.safe_load((trained_run / "config.yaml").read_text())["seed"] == 0
     assert metrics(run_dir) != metrics(trained_run)  # same settings but the seed: another run
+
+
+def test_output_to_a_reader_that_went_away_ends_quietly():
+    """``metaloop recipes | head -1``: the reader closes the pipe; no error line, exit code 0."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "metaloop", "recipes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # before the command has written anything: its first write fails
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and stderr == b""

@@ -38,6 +38,16 @@ def test_a_zoo_model_is_evaluated_loaded_and_compared_by_name(tiny_zoo, tmp_path
     assert "tiny" in (out / "comparison.md").read_text()
 
 
+def test_metaloop_zoo_lists_each_model_with_its_shipped_result(tiny_zoo, capsys):
+    capsys.readouterr()
+    assert main(["zoo", "--paths"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    result = json.loads((tiny_zoo / "result.json").read_text())
+    assert line.split()[:4] == ["tiny-protonet", "protonet", "folder", f"{result['ways']}-way"]
+    assert f"{100 * result['mean']:.2f} ± {100 * result['ci95']:.2f}%" in line
+    assert f"{result['steps']:,} steps" in line and line.endswith(str(tiny_zoo))
+
+
 def test_a_damaged_or_unknown_model_is_refused_in_one_line(tiny_zoo, capsys):
     with open(tiny_zoo / "best.pt", "r+b") as f:  # one byte changed: the weights are no longer shipped ones
         f.seek(200)

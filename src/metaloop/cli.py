@@ -1,4 +1,4 @@
-"""Command line: ``metaloop train | eval | compare | predict | export | data | recipes``; ``--help``
+"""Command line: ``metaloop train | eval | compare | predict | export | data | recipes | zoo``; ``--help``
 on each explains it. How failures are reported (one line, or a traceback): :mod:`metaloop.cli_errors`."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from metaloop.recipebook import all_recipes, recipe_path
 EXAMPLES = """examples:
   metaloop train                                        # ProtoNet on the embedded glyph set (no download)
   metaloop recipes                                      # the recipes that ship with metaloop
+  metaloop zoo                                          # the trained models that ship with it
   metaloop train --recipe protonet-omniglot-5w1s --set train.steps=2000
   metaloop train --config my_recipe.yaml                # any YAML recipe file
   metaloop train --resume runs/protonet_omniglot_5w1s   # continue an interrupted run
@@ -295,6 +296,14 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    from metaloop import zoo
+
+    for name in zoo.names():
+        print(zoo.summary(name) + (f"  {zoo.model_folder(name)}" if args.paths else ""))
+    return 0
+
+
 DEBUG_HELP = "show the traceback of every error, a mistake in the input too (or set METALOOP_DEBUG=1)"
 
 
@@ -488,6 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recipes.add_argument("--paths", action="store_true", help="also print each recipe's file")
     recipes.set_defaults(handler=_recipes)
+
+    models = commands.add_parser(
+        "zoo",
+        parents=[common],
+        help="list the trained models that ship with metaloop",
+        description="One line per zoo model: name, learner, dataset, test setting, and its result.json "
+        "(mean ± 95% CI, test episodes, steps trained). Use one as --checkpoint zoo:NAME; its files "
+        "are checked against their sha256 sums then.",
+    )
+    models.add_argument("--paths", action="store_true", help="also print each model's folder")
+    models.set_defaults(handler=_zoo)
     return parser
 
 

@@ -57,9 +57,13 @@ def is_user_error(error: BaseException) -> bool:
 def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run ``handler(args)``; report a failure as the module docstring says and return its exit code:
     2 for a user's mistake, 3 for a diverged training run, 128 + the signal's number for a training
-    run stopped by SIGINT or SIGTERM (its ``last.pt`` saved), 1 otherwise."""
+    run stopped by SIGINT or SIGTERM (its ``last.pt`` saved), 1 otherwise; 0, silently, when the
+    reader of the output closed the pipe."""
     try:
         return handler(args)
+    except BrokenPipeError:  # the reader went away (``metaloop zoo | head -1``): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is silent
+        return 0
     except TrainingInterrupted as error:  # not a failure: the run stopped where it was asked to
         if distributed.is_main():
             print(f"metaloop {args.command}: {error}", file=sys.stderr)

@@ -53,6 +53,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_folder(name: str) -> Path:
+    """The folder of zoo model ``name``, its files not checked (:func:`run_folder` checks them)."""
+    found = [p.parent for p in root().glob(f"*/{name}/{CHECKSUMS}")]
+    if len(found) != 1:
+        known = ", ".join(names()) or "none"
+        raise ZooError(f"no model {name!r} in the zoo at {root()}; the zoo has: {known}")
+    return found[0]
+
+
 def run_folder(spec: str) -> Path:
     """The verified run folder of ``zoo:<name>`` (or of ``<name>``).
 
@@ -61,11 +70,7 @@ def run_folder(spec: str) -> Path:
             ``SHA256SUMS`` (or is missing).
     """
     name = spec.removeprefix(PREFIX)
-    found = [p.parent for p in root().glob(f"*/{name}/{CHECKSUMS}")]
-    if len(found) != 1:
-        known = ", ".join(names()) or "none"
-        raise ZooError(f"no model {name!r} in the zoo at {root()}; the zoo has: {known}")
-    folder = found[0]
+    folder = model_folder(name)
     for line in (folder / CHECKSUMS).read_text().splitlines():
         expected, _, filename = line.partition("  ")
         path = folder / filename
@@ -92,6 +97,26 @@ def write_checksums(
     folder = Path(folder)
     lines = [f"{sha256(folder / filename)}  {filename}" for filename in files]
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def summary(name: str) -> str:
+    """One line for ``metaloop zoo``: name, learner, test episodes and the model's result.json
+    (mean ± 95% CI over its test episodes, steps trained). Read without checking sha256 sums,
+    which every use of the model checks."""
+    import json
+
+    import yaml
+
+    folder = model_folder(name)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    result = json.loads((folder / "result.json").read_text())
+    setting = f"{result['ways']}-way {result['shots']}-shot"
+    score = f"{100 * result['mean']:.2f} ± {100 * result['ci95']:.2f}%"
+    episodes = f"{result['episodes']} episodes, {result['queries']} queries"
+    return (
+        f"{name:26s} {config['algorithm']['name']:9s} {folder.parent.name:9s} {setting:13s} "
+        f"{score:16s} ({episodes}) {result['steps']:,} steps"
+    )
 
 
 def load(name: str) -> MetaLearner:
