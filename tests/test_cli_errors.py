@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+import metaloop.cli
 import metaloop.train
 from metaloop.cli import main
 
@@ -106,6 +107,18 @@ def test_a_bug_shows_its_traceback(monkeypatch, tiny_cli_args, image_folder, tmp
     assert code == 1
     assert "Traceback (most recent call last)" in err and "KeyError: 'missing key'" in err
     assert "internal error KeyError (a bug in metaloop, not in your input)" in err
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_code_130(monkeypatch, trained_run, capsys):
+    """Ctrl-C while eval reads its checkpoint: no traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metaloop.cli, "load_checkpoint", interrupted)
+    assert main(["eval", "--checkpoint", str(trained_run), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err == "metaloop eval: interrupted\n"
 
 
 def test_a_value_error_from_outside_metaloop_is_a_bug(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -57,8 +58,8 @@ def is_user_error(error: BaseException) -> bool:
 def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run ``handler(args)``; report a failure as the module docstring says and return its exit code:
     2 for a user's mistake, 3 for a diverged training run, 128 + the signal's number for a training
-    run stopped by SIGINT or SIGTERM (its ``last.pt`` saved), 1 otherwise; 0, silently, when the
-    reader of the output closed the pipe."""
+    run stopped by SIGINT or SIGTERM (its ``last.pt`` saved) and 130 for any other Ctrl-C (one line,
+    no traceback), 1 otherwise; 0, silently, when the reader of the output closed the pipe."""
     try:
         return handler(args)
     except BrokenPipeError:  # the reader went away (``metaloop zoo | head -1``): not an error to report
@@ -68,6 +69,11 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
         if distributed.is_main():
             print(f"metaloop {args.command}: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training's loop (an evaluation, a second Ctrl-C)
+        if debug_wanted(args):
+            traceback.print_exc()
+        print(f"metaloop {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except distributed.DistributedError as error:  # its message names the rank
         return _one_line(args, error, 1, where="")
     except Exception as error:
