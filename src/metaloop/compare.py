@@ -34,7 +34,7 @@ import torch
 
 from metaloop import distributed, zoo
 from metaloop.checkpoint import load_checkpoint
-from metaloop.config import Config, config_from_dict, load_config
+from metaloop.config import Config, config_from_dict, flat_settings, load_config
 from metaloop.data.base import ClassImages
 from metaloop.data.transform import check_same_input, checkpoint_transform
 from metaloop.device import saved_device_or_cpu
@@ -275,17 +275,6 @@ def check_labels(found: Sequence[Contender], cells: Sequence[Cell]) -> None:
 
 
 # ----- training ------------------------------------------------------------------------------------
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train.steps": 100, ...}`` from nested dicts."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def train_contender(c: Contender, progress: bool) -> None:
     """Train a recipe into ``c.run_dir``. A finished run of the same configuration there is kept (so a
     second comparison reuses it), an interrupted one is resumed; any other run there is an error."""
@@ -294,7 +283,7 @@ def train_contender(c: Contender, progress: bool) -> None:
     if not (c.run_dir / "last.pt").is_file():
         run(c.config, progress=progress)
         return
-    there, wanted = _flat(config_of_run(c.run_dir).to_dict()), _flat(c.config.to_dict())
+    there, wanted = flat_settings(config_of_run(c.run_dir).to_dict()), flat_settings(c.config.to_dict())
     differ = sorted(
         k for k in wanted.keys() | there.keys() if k != "device" and there.get(k) != wanted.get(k)
     )

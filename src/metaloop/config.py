@@ -262,14 +262,23 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def changed_settings(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train.steps": 100, ...}`` from a nested config dict."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_settings(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """``"key: old -> new"`` for each dotted key whose value differs between two config dicts
     (what ``--set`` changed when a run was resumed)."""
-    changes = []
-    for key in sorted(set(before) | set(after)):
-        old, new = before.get(key), after.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += changed_settings(old, new, f"{prefix}{key}.")
-        elif old != new:
-            changes.append(f"{prefix}{key}: {old} -> {new}")
-    return changes
+    old, new = flat_settings(before), flat_settings(after)
+    return [
+        f"{k}: {old.get(k)} -> {new.get(k)}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]

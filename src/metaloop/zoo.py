@@ -15,9 +15,12 @@ sha256 before use, so a damaged or edited model fails with an error instead of g
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 if TYPE_CHECKING:
     from metaloop.algorithms.base import MetaLearner
@@ -103,10 +106,6 @@ def summary(name: str) -> str:
     """One line for ``metaloop zoo``: name, learner, test episodes and the model's result.json
     (mean ± 95% CI over its test episodes, steps trained). Read without checking sha256 sums,
     which every use of the model checks."""
-    import json
-
-    import yaml
-
     folder = model_folder(name)
     config = yaml.safe_load((folder / "config.yaml").read_text())
     result = json.loads((folder / "result.json").read_text())
