@@ -4,17 +4,18 @@
 # Usage: bash carried/carry.sh RUN [RUN ...]
 set -euo pipefail
 LIMIT=$((2 * 1000 * 1000))
+FILES="last.pt best.pt config.yaml metrics.jsonl"
 for run in "$@"; do
   [ -f "runs/$run/last.pt" ] || { echo "runs/$run/last.pt does not exist" >&2; exit 2; }
-  for f in last.pt best.pt config.yaml metrics.jsonl; do
+  for f in $FILES; do
     if [ -f "runs/$run/$f" ] && [ "$(stat -c %s "runs/$run/$f")" -gt $LIMIT ]; then
       echo "runs/$run/$f is $(stat -c %s "runs/$run/$f") bytes, over the 2 MB carried/ allows; nothing copied" >&2
       exit 2
     fi
   done
   mkdir -p "carried/$run"
-  for f in last.pt best.pt config.yaml metrics.jsonl; do
-    [ -f "runs/$run/$f" ] && cp "runs/$run/$f" "carried/$run/"
+  for f in $FILES; do
+    if [ -f "runs/$run/$f" ]; then cp "runs/$run/$f" "carried/$run/"; fi
   done
   python3 - "carried/$run/last.pt" <<'PY'
 import sys

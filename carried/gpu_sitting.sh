@@ -3,7 +3,7 @@
 #
 # Here, once a session:   bash carried/gpu_sitting.sh --prepare
 #   copies the Omniglot zips ($METALOOP_DATA/omniglot) and the decoded cache
-#   ($METALOOP_CACHE/omniglot-28-*.pt) into .gpu/ (git-ignored, about 10 MB), so the device machine
+#   ($METALOOP_CACHE/omniglot-28-*.pt) into .gpu/ (git-ignored, 39 MB), so the device machine
 #   neither decodes nor downloads anything.
 # On the device:          run(command="bash carried/gpu_sitting.sh SECONDS RUN [RUN ...]",
 #                             carry=[".gpu"], timeout_s=SECONDS + 120)
