@@ -104,6 +104,7 @@ def test_a_signal_stops_training_after_its_step_with_last_pt_saved_and_resume_is
     is tested, and the resumed run ends exactly like an uninterrupted one."""
     run(tiny_config(image_folder, tmp_path / "whole"), progress=False)
     original = Trainer.train_step
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest runs in the background
 
     def signalling(self):
         if self.state.step == 3:
@@ -117,7 +118,7 @@ def test_a_signal_stops_training_after_its_step_with_last_pt_saved_and_resume_is
     assert load_checkpoint(tmp_path / "split" / "last.pt")["run_state"]["step"] == 4
     assert not (tmp_path / "split" / "result.json").exists()
     assert metric_lines(tmp_path / "split")[-1] == {"step": 4, "event": "interrupted", "signal": "SIGINT"}
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is put back
     monkeypatch.setattr(Trainer, "train_step", original)
     run(tiny_config(image_folder, tmp_path / "split"), resume=True, progress=False)
     whole = load_checkpoint(tmp_path / "whole" / "last.pt")
