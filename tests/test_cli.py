@@ -28,6 +28,27 @@ def test_train_then_eval(tiny_cli_args, image_folder, tmp_path, capsys):
     assert json.loads(json_path.read_text())["episodes"] == 12
 
 
+def test_eval_batch_size_sets_the_episodes_run_at_once(
+    tiny_cli_args, image_folder, tmp_path, capsys, monkeypatch
+):
+    import metaloop.evaluate
+
+    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, tmp_path / "run")]) == 0
+    chunks = []
+    evaluate = metaloop.evaluate.evaluate
+    monkeypatch.setattr(metaloop.evaluate, "evaluate", lambda *a: chunks.append(a[3]) or evaluate(*a))
+    results = []
+    for size in ([], ["--batch-size", "5"]):
+        argv = ["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "12", *size, "--no-progress"]
+        assert main([*argv, "--json", str(tmp_path / "e.json")]) == 0
+        results.append(json.loads((tmp_path / "e.json").read_text()))
+    assert chunks == [16, 5]  # the run's eval.batch_size, then the option's
+    assert results[0]["episodes"] == results[1]["episodes"] == 12
+    assert abs(results[0]["mean"] - results[1]["mean"]) < results[0]["ci95"] + 1e-6  # the same episodes
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--batch-size", "0"]) == 2
+    assert "eval.batch_size must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_resume_continues_and_extends(tiny_cli_args, image_folder, tmp_path, capsys):
     assert main(["train", "--no-progress", *tiny_cli_args(image_folder, tmp_path / "run")]) == 0
     assert main(["train", "--no-progress", "--resume", str(tmp_path / "run"), "--set", "train.steps=6"]) == 0

@@ -92,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     overrides = [
         f"eval.{k}={v}"
-        for k in ("ways", "shots", "queries", "episodes", "seed")
+        for k in ("ways", "shots", "queries", "episodes", "seed", "batch_size")
         if (v := getattr(args, k)) is not None
     ]
     if args.split:
@@ -365,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--episodes", type=int, help="test episodes (default: the run's eval.episodes, 1000 if unset)"
     )
     ev.add_argument("--seed", type=int, help="seed of the test episodes")
+    ev.add_argument(
+        "--batch-size",
+        type=int,
+        help="episodes evaluated at once (default: the run's eval.batch_size): a speed and memory "
+        "setting (the same episodes; sums in another order can move a borderline query's prediction); "
+        "on the CPU, large episodes (20-way) often run faster a few at a time",
+    )
     ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
     ev.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
