@@ -5,17 +5,20 @@ so that a busy machine slows all of them alike:
 
 - ``default``: glibc as it starts;
 - ``mallopt``: :func:`metaloop.allocator.keep_freed_memory` called first thing in the process, as the
-  CLI does (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``): what a Python script
-  can do for itself;
+  CLI does (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``, never trim): what a Python
+  script can do for itself;
 - ``env``: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` in the environment, set before
   the process starts.
 
-Two workloads on random Omniglot-shaped images (no dataset needed), Conv-4 with 64 filters:
+Three workloads on random Omniglot-shaped images (no dataset needed), Conv-4 with 64 filters:
 
 - ``train``: ProtoNet meta-training steps (``meta_loss -> backward -> Adam step``) on one task of
   ``--ways``-way 5-shot with 15 queries per class (Snell et al. train 60-way);
 - ``predict``: what :class:`metaloop.FewShotPredictor` does per call: ``adapt`` to a 20-way 5-shot
-  support set, then logits of 100 queries.
+  support set, then logits of 100 queries;
+- ``evaluate``: what ``metaloop eval`` does per batch of the recipes' ``eval.batch_size``: logits of
+  16 tasks of 20-way 1-shot with 15 queries per class at once (ProtoNet, eval mode, per-task batch
+  norm), 5,120 images, about 1 GB of activations a layer.
 
 Each reports the median seconds over ``--repeats`` timed calls after ``--warmup``; the JSON holds the
 median over rounds and the speed-up ``default / setting``, taken within this one run::
@@ -38,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("default", "mallopt", "env")
 ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
-WORKLOADS = ("train", "predict")
+WORKLOADS = ("train", "predict", "evaluate")
 
 
 def child(args: argparse.Namespace) -> dict[str, float]:
@@ -93,9 +96,23 @@ def child(args: argparse.Namespace) -> dict[str, float]:
         with torch.no_grad():
             learner.adapt(support_x, support_y)(query_x)
 
+    tasks = 16  # the recipes' eval.batch_size
+    eval_batch = TaskBatch(
+        images(tasks * 20).view(tasks, 20, 1, 28, 28),
+        torch.arange(20).repeat(tasks, 1),
+        images(tasks * 300).view(tasks, 300, 1, 28, 28),
+        torch.arange(20).repeat_interleave(15).repeat(tasks, 1),
+        20,
+    )
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            learner.predict(eval_batch)
+
     result = {"train": timed(train_step, args.warmup, args.repeats)}
     learner.eval()
     result["predict"] = timed(predict, args.warmup, args.repeats * 3)
+    result["evaluate"] = timed(evaluate, args.warmup, args.repeats)
     return result
 
 

@@ -369,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         help="episodes evaluated at once (default: the run's eval.batch_size): a speed and memory "
-        "setting (the same episodes; sums in another order can move a borderline query's prediction); "
-        "on the CPU, large episodes (20-way) often run faster a few at a time",
+        "setting (the same episodes; sums in another order can move a borderline query's prediction)",
     )
     ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
