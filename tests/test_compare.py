@@ -57,7 +57,7 @@ def test_validation_steadiness_is_the_sd_of_step_to_step_changes(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     late = torch.tensor([-5.0, 8.0], dtype=torch.float64)  # steps 8, 10, 12: above half of 12
     assert validation_steadiness(tmp_path)["late_change_sd"] == pytest.approx(late.std().item())
-    missing = {"validations": 0, "change_sd": None, "late_change_sd": None}
+    missing = {"validations": None, "change_sd": None, "late_change_sd": None}
     assert validation_steadiness(tmp_path / "missing") == missing
 
 

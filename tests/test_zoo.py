@@ -35,7 +35,12 @@ def test_a_zoo_model_is_evaluated_loaded_and_compared_by_name(tiny_zoo, tmp_path
     out = tmp_path / "cmp"
     argv = ["compare", "tiny=zoo:tiny-protonet", "--out", str(out), "--ways", "3", "--shots", "1"]
     assert main([*argv, "--queries", "3", "--episodes", "10", "--no-progress"]) == 0
-    assert "tiny" in (out / "comparison.md").read_text()
+    report = (out / "comparison.md").read_text()
+    assert "tiny" in report and str(tiny_zoo) not in report  # the model named, not its install folder
+    (learner,) = json.loads((out / "comparison.json").read_text())["learners"]
+    assert learner["run_dir"] == "zoo:tiny-protonet" and learner["validation"]["validations"] is None
+    assert "no learning curve for tiny-protonet (zoo:tiny-protonet): no metrics.jsonl" in report
+    assert not (out / "learning_curves.png").exists()
 
 
 def test_metaloop_zoo_lists_each_model_with_its_shipped_result(tiny_zoo, capsys):

@@ -297,6 +297,13 @@ def train_contender(c: Contender, progress: bool) -> None:
         run(c.config, resume=True, progress=progress)
 
 
+def run_record(c: Contender) -> str:
+    """Where ``c``'s run is, as the comparison records it: ``zoo:<name>`` for a zoo model (the same
+    on every installation, so two machines write the same files), else the run folder."""
+    _, given = split_label(c.source)
+    return f"{zoo.PREFIX}{c.name}" if zoo.is_zoo(given) else str(c.run_dir)
+
+
 def training_cost(run_dir: Path) -> dict[str, Any]:
     """``steps``, ``train_seconds`` (outer steps only), ``wall_seconds`` (validation and checkpoints
     included; None in runs older than that key) and ``source``: from ``result.json``, or from
@@ -314,7 +321,7 @@ def training_cost(run_dir: Path) -> dict[str, Any]:
 def validation_steadiness(run_dir: Path) -> dict[str, Any]:
     """How steady a run's meta-validation accuracy was, in accuracy points (from ``metrics.jsonl``):
 
-    - ``validations``: how many validations it logged;
+    - ``validations``: how many validations it logged (None without a log);
     - ``change_sd``: the standard deviation (ddof=1) of the change from one validation to the next;
     - ``late_change_sd``: the same over the second half of the run, the validations at steps above
       half the last validated step, where a fast early rise no longer counts as unsteadiness.
@@ -322,10 +329,10 @@ def validation_steadiness(run_dir: Path) -> dict[str, Any]:
     Each sd is None with fewer than three validations in its range (or no log: e.g. a zoo model)."""
     from metaloop.report import read_metrics  # matplotlib: only when a comparison is made
 
-    points = []
-    if (run_dir / "metrics.jsonl").is_file():
-        _, val = read_metrics(run_dir)
-        points = [(int(r["step"]), 100 * float(r["val_accuracy"])) for r in val if "val_accuracy" in r]
+    if not (run_dir / "metrics.jsonl").is_file():
+        return dict.fromkeys(("validations", "change_sd", "late_change_sd"))
+    _, val = read_metrics(run_dir)
+    points = [(int(r["step"]), 100 * float(r["val_accuracy"])) for r in val if "val_accuracy" in r]
 
     def change_sd(scores: list[float]) -> float | None:
         changes = torch.tensor(scores, dtype=torch.float64).diff()
@@ -395,7 +402,7 @@ def episode_values(
         "label": c.label,
         "algorithm": best["algorithm"],
         "source": c.source,
-        "run_dir": str(c.run_dir),
+        "run_dir": run_record(c),
         "trained_here": c.train,
         "fixed_ways": own_ways,
         "best_step": best["step"],

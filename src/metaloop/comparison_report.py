@@ -77,11 +77,21 @@ def draw_plots(comparison: dict[str, Any], out_dir: Path) -> tuple[dict[int, str
             plot_accuracy_vs_shots(points, stem, title=f"{ways}-way, {data}")
             shot_plots[ways] = f"{stem.name}.png"
     runs = {d["name"]: d["run_dir"] for d in comparison["learners"]}
+    logged = {name: run for name, run in runs.items() if (Path(run) / "metrics.jsonl").is_file()}
+    notes = []
+    if len(logged) < len(runs):
+        unlogged = ", ".join(f"{name} ({runs[name]})" for name in runs if name not in logged)
+        notes.append(
+            f"no learning curve for {unlogged}: no metrics.jsonl (a zoo model ships best.pt, "
+            "config.yaml and result.json, not its training log)"
+        )
+    if not logged:
+        return shot_plots, None, notes
     try:
-        plot_learning_curves(runs, out_dir / "learning_curves")
+        plot_learning_curves(logged, out_dir / "learning_curves")
     except (OSError, ValueError) as error:
-        return shot_plots, None, [f"learning curves not drawn: {error}"]
-    return shot_plots, "learning_curves.png", []
+        return shot_plots, None, [*notes, f"learning curves not drawn: {error}"]
+    return shot_plots, "learning_curves.png", notes
 
 
 def accuracy_sections(comparison: dict[str, Any], shot_plots: dict[int, str]) -> list[str]:
@@ -145,7 +155,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         steps = "—" if cost["steps"] is None else str(cost["steps"])
         seconds = [seconds_text(cost["train_seconds"]), seconds_text(cost["wall_seconds"])]
         trained = "yes" if d["trained_here"] else "no"
-        validation = d.get("validation") or {"validations": 0}
+        validation = d.get("validation") or {"validations": None}
         steadiness = [
             "—" if validation.get(key) is None else f"{validation[key]:.2f}"
             for key in ("change_sd", "late_change_sd")
@@ -158,7 +168,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
                 steps,
                 str(d["best_step"]),
                 *seconds,
-                str(validation["validations"]),
+                "—" if validation["validations"] is None else str(validation["validations"]),
                 *steadiness,
                 f"`{d['run_dir']}`",
             ]
@@ -172,7 +182,8 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         "Training (s): time in outer steps; wall-clock (s): the whole training loop, validation and "
         "checkpoints included (— for runs older than that record). Val change sd: the standard deviation "
         "of the change in meta-validation accuracy from one validation to the next, in points (smaller "
-        "is a steadier curve; — with fewer than three validations or no metrics log); 2nd half: the same "
+        "is a steadier curve; — with fewer than three validations or no metrics log, and validations — "
+        "without that log); 2nd half: the same "
         "over the validations after half the last validated step.",
     ]
 
