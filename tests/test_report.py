@@ -154,6 +154,9 @@ def test_accuracy_vs_shots(tmp_path):
     }
     plot_accuracy_vs_shots(results, tmp_path / "shots", title="5-way, synthetic")
     assert_plot(tmp_path / "shots")
+    plot_accuracy_vs_shots(results, tmp_path / "again", title="5-way, synthetic")
+    for fmt in ("png", "svg"):  # no date, no random ids: the same plot gives the same bytes
+        assert (tmp_path / f"again.{fmt}").read_bytes() == (tmp_path / f"shots.{fmt}").read_bytes()
     with pytest.raises(ValueError, match="fractions, not percent"):
         plot_accuracy_vs_shots({"x": [(1, 80.0, 2.0)]}, tmp_path / "bad")
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from matplotlib import colormaps
+from matplotlib import colormaps, rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -49,7 +49,10 @@ def run_colours(n: int) -> list[Any]:
 
 
 def save_figure(fig: Figure, out_stem: str | os.PathLike) -> list[Path]:
-    """Write ``fig`` to ``<out_stem>.png`` (150 dpi) and ``<out_stem>.svg`` atomically; their paths."""
+    """Write ``fig`` to ``<out_stem>.png`` (150 dpi) and ``<out_stem>.svg`` atomically; their paths.
+
+    The same figure gives the same bytes every time: the SVG carries no date, and its element ids
+    come from a fixed salt instead of a random one."""
     if Path(out_stem).suffix.lower() in tuple(f".{f}" for f in FORMATS):
         raise ValueError(f"out_stem {out_stem} should have no extension: .png and .svg are added")
     FigureCanvasAgg(fig)
@@ -59,7 +62,8 @@ def save_figure(fig: Figure, out_stem: str | os.PathLike) -> list[Path]:
     paths = []
     for fmt in FORMATS:
         buffer = io.BytesIO()
-        fig.savefig(buffer, format=fmt, dpi=150)
+        with rc_context({"svg.hashsalt": "metaloop"}):
+            fig.savefig(buffer, format=fmt, dpi=150, metadata={"Date": None} if fmt == "svg" else None)
         path = Path(f"{out_stem}.{fmt}")
         atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
