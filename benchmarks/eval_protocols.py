@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from metaloop import zoo
 from metaloop.checkpoint import load_checkpoint
 from metaloop.config import config_from_dict
 from metaloop.data.base import ClassImages
@@ -59,7 +60,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="a run folder (its best.pt) or a .pt file")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a run folder (its best.pt), a .pt file or zoo:<name>"
+    )
     parser.add_argument("--classes", nargs="+", choices=CLASS_SETS, default=list(CLASS_SETS))
     parser.add_argument("--queries", nargs="+", type=int, default=[15, 1], help="queries per class")
     parser.add_argument(
@@ -68,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.episodes) != len(args.queries):
         parser.error(f"give one --episodes value per --queries value, got {args.episodes}")
-    path = Path(args.checkpoint)
+    path = zoo.resolve(args.checkpoint)
     state = load_checkpoint(path / "best.pt" if path.is_dir() else path)
     config = config_from_dict(state["config"])
     learner = learner_from_checkpoint(state)
@@ -100,7 +103,11 @@ def main() -> None:
         "ways": ev.ways,
         "shots": ev.shots,
         "seed": ev.seed,
-        "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
+        },
         "threads": torch.get_num_threads(),
         "cells": cells,
     }
