@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import shutil
 import time
 import zipfile
@@ -31,6 +32,8 @@ EXPECTED_CLASSES = {
     "trainval": 4800,
     "background": 964,
     "evaluation": 659,
+    "nichol-train": 4800,
+    "nichol-test": 423,
 }
 
 
@@ -57,7 +60,7 @@ def test_split_shapes_and_counts(split, omniglot_data_dir, omniglot_first_load):
     assert 5 < ds.images.float().mean().item() < 60
     corners = ds.images[:, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert corners.float().mean().item() < 5
-    if split in om.VINYALS_SPLITS:
+    if split in om.VINYALS_SPLITS or split.startswith("nichol-"):
         assert all(n.rsplit("/", 1)[1] in {"rot000", "rot090", "rot180", "rot270"} for n in ds.class_names)
     else:
         assert all(n.count("/") == 1 and "/character" in n for n in ds.class_names)
@@ -107,6 +110,30 @@ def test_splits_disjoint_by_character(omniglot_data_dir, omniglot_first_load):
     assert trainval == train | val
     assert trainval | test == background | evaluation and len(background | evaluation) == 1623
     assert not (background & evaluation)
+
+
+def test_nichol_split_is_the_reptile_codes_seeded_shuffle(omniglot_data_dir, omniglot_first_load):
+    train = load_omniglot("nichol-train", data_dir=omniglot_data_dir, download=False)
+    test = load_omniglot("nichol-test", data_dir=omniglot_data_dir, download=False)
+    train_chars = {n.rsplit("/", 1)[0] for n in train.class_names}
+    test_chars = {n.rsplit("/", 1)[0] for n in test.class_names}
+    assert (len(train_chars), len(test_chars)) == (1200, 423) and not train_chars & test_chars
+    assert all(n.endswith("/rot000") for n in test.class_names)
+    assert train.class_names[:4] == [f"{train.class_names[0][:-7]}/rot{d:03d}" for d in (0, 90, 180, 270)]
+    # Reptile's code: the 1,623 character folders in sorted order, random.seed(0), random.shuffle
+    background = load_omniglot("background", data_dir=omniglot_data_dir, download=False).class_names
+    evaluation = load_omniglot("evaluation", data_dir=omniglot_data_dir, download=False).class_names
+    folders = [
+        f"{a}/{c}"
+        for a in sorted({n.split("/")[0] for n in background + evaluation})
+        for c in sorted(n.split("/")[1] for n in background + evaluation if n.startswith(a + "/"))
+    ]
+    random.Random(0).shuffle(folders)  # the code's random.seed(0); random.shuffle(...)
+    assert [n[:-7] for n in test.class_names] == folders[1200:]
+    assert [n[:-7] for n in train.class_names[::4]] == folders[:1200]
+    # unlike the Vinyals split, test characters come from alphabets that training sees
+    alphabets = {c.split("/")[0] for c in train_chars}
+    assert sum(c.split("/")[0] in alphabets for c in test_chars) > 400
 
 
 def test_load_dataset_registry_omniglot(omniglot_data_dir, omniglot_first_load):

@@ -1,7 +1,7 @@
 """Datasets by name: ``load_dataset(name, split, ...)`` -> ClassImages, for the names below.
 
 * ``"omniglot"``: :func:`metaloop.data.omniglot.load_omniglot`; splits ``train val test trainval
-  background evaluation``; ``seed`` is ignored (the splits are fixed).
+  background evaluation nichol-train nichol-test``; ``seed`` is ignored (the splits are fixed).
 * ``"glyphs"``: the embedded synthetic glyphs, :func:`metaloop.data.glyphs.load_glyphs`.
 * ``"folder"``: a user's ``root/<class_name>/<images>`` (:func:`metaloop.data.folder.load_image_folder`).
   ``split="all"`` gives every class. ``"train"``/``"val"``/``"test"`` split the classes, never the

@@ -14,6 +14,11 @@ Splits:
   the top), i.e. ``torch.rot90(x, DDD // 90, dims=(-2, -1))``, the same direction as PIL's
   ``Image.rotate(DDD)`` used by Snell et al.
 * ``"background"`` (964 classes) and ``"evaluation"`` (659): Lake's own split, no rotations.
+* ``"nichol-train"`` (4,800 classes) and ``"nichol-test"`` (423): the split of Nichol et al.'s Reptile
+  code (``run_omniglot.py`` of openai/supervised-reptile, seed 0): the 1,623 characters in sorted
+  order (alphabet, then character) shuffled by Python's ``random.Random(0)``; the first 1,200, each in
+  its four rotations, train, and the other 423, unrotated, test. Test characters share alphabets
+  with training ones, unlike in the Vinyals split. Class names as in the Vinyals splits.
 
 Images: uint8 ``[1, S, S]``, ink = 255 and background = 0. Each 105x105 1-bit PNG is converted to
 "L", resized with Lanczos (Pillow's former ANTIALIAS; ``resize="nearest"`` or another Pillow filter
@@ -32,6 +37,7 @@ split line counts); files that are absent are downloaded and must match a known 
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 import sys
 import warnings
@@ -50,8 +56,18 @@ from metaloop.data.download import md5_of, sha256_of
 from metaloop.data.transform import InputTransform, dataset_transform
 from metaloop.fileio import atomic_torch_save
 
-OMNIGLOT_SPLITS = ("train", "val", "test", "trainval", "background", "evaluation")
+OMNIGLOT_SPLITS = (
+    "train",
+    "val",
+    "test",
+    "trainval",
+    "background",
+    "evaluation",
+    "nichol-train",
+    "nichol-test",
+)
 VINYALS_SPLITS = ("train", "val", "test", "trainval")
+NICHOL_TRAIN_CHARACTERS = 1200
 IMAGES_PER_CHARACTER = 20
 
 _ZIP_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}"
@@ -354,6 +370,16 @@ def _load_all(root: Path, image_size: int, resize: str) -> tuple[torch.Tensor, l
     return images, characters
 
 
+def nichol_split_lines(characters: list[str], split: str) -> list[str]:
+    """Class lines ``Alphabet/characterNN/rotDDD`` of ``"nichol-train"`` or ``"nichol-test"`` (see the
+    module docstring) from the 1,623 ``Alphabet/characterNN`` names."""
+    shuffled = sorted(characters, key=lambda name: name.split("/"))
+    random.Random(0).shuffle(shuffled)
+    if split == "nichol-train":
+        return [f"{c}/rot{d:03d}" for c in shuffled[:NICHOL_TRAIN_CHARACTERS] for d in (0, 90, 180, 270)]
+    return [f"{c}/rot000" for c in shuffled[NICHOL_TRAIN_CHARACTERS:]]
+
+
 def load_omniglot(
     split: str = "train",
     image_size: int = 28,
@@ -372,7 +398,7 @@ def load_omniglot(
             :data:`~metaloop.data.transform.RESIZE_FILTERS`; ``"nearest"`` gives the binary images
             of Snell et al.'s loader.
 
-    Class names are ``"Alphabet/characterNN/rotDDD"`` for the Vinyals splits and
+    Class names are ``"Alphabet/characterNN/rotDDD"`` for the Vinyals and Nichol splits and
     ``"Alphabet/characterNN"`` for ``"background"`` / ``"evaluation"``.
     """
     if split not in OMNIGLOT_SPLITS:
@@ -384,8 +410,11 @@ def load_omniglot(
     _ensure_files(root, download)
     all_images, characters = _load_all(root, image_size, resize)
     index = {c: i for i, c in enumerate(characters)}
-    if split in VINYALS_SPLITS:
-        lines = read_split(root / f"splits/vinyals/{split}.txt", split, set(index))
+    if split in VINYALS_SPLITS or split.startswith("nichol-"):
+        if split in VINYALS_SPLITS:
+            lines = read_split(root / f"splits/vinyals/{split}.txt", split, set(index))
+        else:
+            lines = nichol_split_lines(characters, split)
         char_ids = [index[ln.rsplit("/", 1)[0]] for ln in lines]
         turns = torch.tensor([int(ln[-3:]) // 90 for ln in lines])
         names = lines
