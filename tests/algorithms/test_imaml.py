@@ -2,6 +2,7 @@
 finite differences at the inner solution, and every switch live."""
 
 import json
+import math
 import os
 
 import pytest
@@ -254,21 +255,32 @@ def glyph_data(tmp_path_factory):
 
 @pytest.mark.slow
 def test_learns_glyphs_and_eval_of_the_checkpoint_reproduces_it(glyph_data, tmp_path):
-    """60 outer steps on the glyph train split lift 5-way 1-shot test accuracy well above that of
-    the same network not meta-trained (measured: 42.1 ± 2.4% untrained, 51.0 ± 3.6% after training;
-    chance 20%), and ``metaloop eval`` of the saved run reproduces the training run's test result."""
+    """200 outer steps on the glyph train split lift 5-way 1-shot test accuracy above that of the
+    same network not meta-trained by more than the two results' CIs together (chance 20%), and
+    ``metaloop eval`` of the saved run reproduces the training run's test result.
+
+    Measured (100 episodes): untrained 40.9 ± 1.8%; trained 47.6 ± 2.4% with AVX-512 kernels,
+    54.3 ± 2.4% with AVX2 ones, 60.0 ± 2.2% with the default (SSE) ones: a short run this noisy
+    takes another path under each CPU's rounding. At 60 steps AVX-512's run had not learned yet
+    (42.3% against 42.1%), so this test needs the longer run to hold on every CPU."""
     learner = [
         "data.name=glyphs",
         "algorithm.name=imaml",
         "algorithm.hidden=16",
         "algorithm.inner_steps=5",
         "algorithm.eval_inner_steps=5",
-        "eval.episodes=40",
+        "eval.episodes=100",
     ]
-    train = ["train.ways=5", "train.queries=3", "train.meta_batch_size=4", "train.steps=60", "train.lr=0.003"]
+    train = [
+        "train.ways=5",
+        "train.queries=3",
+        "train.meta_batch_size=4",
+        "train.steps=200",
+        "train.lr=0.003",
+    ]
     train += [
         "train.log_every=20",
-        "train.val_every=60",
+        "train.val_every=200",
         "train.val_episodes=20",
         f"run_dir={tmp_path / 'run'}",
     ]
@@ -295,5 +307,6 @@ def test_learns_glyphs_and_eval_of_the_checkpoint_reproduces_it(glyph_data, tmp_
         main(["eval", "--checkpoint", str(untrained), "--no-progress", "--json", str(tmp_path / "u.json")])
         == 0
     )
-    before = json.loads((tmp_path / "u.json").read_text())["mean"]
-    assert trained["mean"] > before + 0.05 and trained["mean"] > 0.4, (before, trained["mean"])
+    before = json.loads((tmp_path / "u.json").read_text())
+    lift = trained["mean"] - before["mean"]
+    assert lift > math.hypot(trained["ci95"], before["ci95"]) and trained["mean"] > 0.4, (before, trained)
