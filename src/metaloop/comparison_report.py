@@ -155,7 +155,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         steps = "—" if cost["steps"] is None else str(cost["steps"])
         seconds = [seconds_text(cost["train_seconds"]), seconds_text(cost["wall_seconds"])]
         trained = "yes" if d["trained_here"] else "no"
-        validation = d.get("validation") or {"validations": None}
+        validation = d.get("validation") or {}
         steadiness = [
             "—" if validation.get(key) is None else f"{validation[key]:.2f}"
             for key in ("change_sd", "late_change_sd")
@@ -168,7 +168,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
                 steps,
                 str(d["best_step"]),
                 *seconds,
-                "—" if validation["validations"] is None else str(validation["validations"]),
+                "—" if validation.get("validations") is None else str(validation["validations"]),
                 *steadiness,
                 f"`{d['run_dir']}`",
             ]
@@ -183,8 +183,7 @@ def cost_section(comparison: dict[str, Any]) -> list[str]:
         "checkpoints included (— for runs older than that record). Val change sd: the standard deviation "
         "of the change in meta-validation accuracy from one validation to the next, in points (smaller "
         "is a steadier curve; — with fewer than three validations or no metrics log, and validations — "
-        "without that log); 2nd half: the same "
-        "over the validations after half the last validated step.",
+        "without that log); 2nd half: the same over the validations after half the last validated step.",
     ]
 
 

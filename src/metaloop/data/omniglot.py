@@ -56,17 +56,9 @@ from metaloop.data.download import md5_of, sha256_of
 from metaloop.data.transform import InputTransform, dataset_transform
 from metaloop.fileio import atomic_torch_save
 
-OMNIGLOT_SPLITS = (
-    "train",
-    "val",
-    "test",
-    "trainval",
-    "background",
-    "evaluation",
-    "nichol-train",
-    "nichol-test",
-)
 VINYALS_SPLITS = ("train", "val", "test", "trainval")
+NICHOL_SPLITS = ("nichol-train", "nichol-test")
+OMNIGLOT_SPLITS = (*VINYALS_SPLITS, "background", "evaluation", *NICHOL_SPLITS)
 NICHOL_TRAIN_CHARACTERS = 1200
 IMAGES_PER_CHARACTER = 20
 
@@ -410,11 +402,12 @@ def load_omniglot(
     _ensure_files(root, download)
     all_images, characters = _load_all(root, image_size, resize)
     index = {c: i for i, c in enumerate(characters)}
-    if split in VINYALS_SPLITS or split.startswith("nichol-"):
-        if split in VINYALS_SPLITS:
-            lines = read_split(root / f"splits/vinyals/{split}.txt", split, set(index))
-        else:
-            lines = nichol_split_lines(characters, split)
+    if split in VINYALS_SPLITS or split in NICHOL_SPLITS:  # classes are characters in a rotation
+        lines = (
+            read_split(root / f"splits/vinyals/{split}.txt", split, set(index))
+            if split in VINYALS_SPLITS
+            else nichol_split_lines(characters, split)
+        )
         char_ids = [index[ln.rsplit("/", 1)[0]] for ln in lines]
         turns = torch.tensor([int(ln[-3:]) // 90 for ln in lines])
         names = lines
