@@ -53,6 +53,23 @@ def test_metaloop_zoo_lists_each_model_with_its_shipped_result(tiny_zoo, capsys)
     assert f"{result['steps']:,} steps" in line and line.endswith(str(tiny_zoo))
 
 
+def test_the_listing_aligns_its_columns_and_names_a_test_split_other_than_test(tiny_zoo, capsys):
+    """A model tested on another split (``reptile-omniglot-5w5s-nichol-split`` is tested on
+    ``nichol-test``) says so in the dataset column, and a longer name widens the name column."""
+    other = tiny_zoo.parent / "tiny-protonet-on-another-split"
+    shutil.copytree(tiny_zoo, other)
+    config = (other / "config.yaml").read_text()
+    assert "test_split: test\n" in config
+    (other / "config.yaml").write_text(config.replace("test_split: test\n", "test_split: val\n"))
+    capsys.readouterr()
+    assert main(["zoo"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.split()[:3] == ["tiny-protonet", "protonet", "folder"]
+    assert second.split()[:3] == ["tiny-protonet-on-another-split", "protonet", "folder/val"]
+    assert first.index(" protonet ") == second.index(" protonet ")
+    assert first.index("-way") == second.index("-way")
+
+
 def test_a_damaged_or_unknown_model_is_refused_in_one_line(tiny_zoo, capsys):
     with open(tiny_zoo / "best.pt", "r+b") as f:  # one byte changed: the weights are no longer shipped ones
         f.seek(200)

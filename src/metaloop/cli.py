@@ -299,8 +299,9 @@ def _recipes(args: argparse.Namespace) -> int:
 def _zoo(args: argparse.Namespace) -> int:
     from metaloop import zoo
 
-    for name in zoo.names():
-        print(zoo.summary(name) + (f"  {zoo.model_folder(name)}" if args.paths else ""))
+    names = zoo.names()
+    for name, line in zip(names, zoo.summaries(names), strict=True):
+        print(line + (f"  {zoo.model_folder(name)}" if args.paths else ""))
     return 0
 
 

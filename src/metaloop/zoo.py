@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,20 +103,29 @@ def write_checksums(
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
 
 
-def summary(name: str) -> str:
-    """One line for ``metaloop zoo``: name, learner, test episodes and the model's result.json
-    (mean ± 95% CI over its test episodes, steps trained). Read without checking sha256 sums,
-    which every use of the model checks."""
-    folder = model_folder(name)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    result = json.loads((folder / "result.json").read_text())
-    setting = f"{result['ways']}-way {result['shots']}-shot"
-    score = f"{100 * result['mean']:.2f} ± {100 * result['ci95']:.2f}%"
-    episodes = f"{result['episodes']} episodes, {result['queries']} queries"
-    return (
-        f"{name:26s} {config['algorithm']['name']:9s} {folder.parent.name:9s} {setting:13s} "
-        f"{score:16s} ({episodes}) {result['steps']:,} steps"
-    )
+def summaries(names: Sequence[str]) -> list[str]:
+    """One line per model for ``metaloop zoo``, in aligned columns: name, learner, dataset (with its
+    test split where that is not ``test``), test setting and the model's result.json (mean ± 95% CI
+    over its test episodes, test episodes and queries, steps trained). Read without checking sha256
+    sums, which every use of a model checks."""
+    rows = []
+    for name in names:
+        folder = model_folder(name)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        result = json.loads((folder / "result.json").read_text())
+        test_split = config.get("data", {}).get("test_split", "test")
+        rows.append(
+            [
+                name,
+                config["algorithm"]["name"],
+                folder.parent.name + ("" if test_split == "test" else f"/{test_split}"),
+                f"{result['ways']}-way {result['shots']}-shot",
+                f"{100 * result['mean']:.2f} ± {100 * result['ci95']:.2f}%",
+                f"({result['episodes']} episodes, {result['queries']} queries) {result['steps']:,} steps",
+            ]
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
+    return [" ".join([*(f"{f:{w}s}" for f, w in zip(row[:5], widths, strict=True)), row[5]]) for row in rows]
 
 
 def load(name: str) -> MetaLearner:
