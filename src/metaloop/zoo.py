@@ -113,7 +113,7 @@ def summaries(names: Sequence[str]) -> list[str]:
         folder = model_folder(name)
         config = yaml.safe_load((folder / "config.yaml").read_text())
         result = json.loads((folder / "result.json").read_text())
-        test_split = config.get("data", {}).get("test_split", "test")
+        test_split = config["data"]["test_split"]
         rows.append(
             [
                 name,
@@ -124,8 +124,8 @@ def summaries(names: Sequence[str]) -> list[str]:
                 f"({result['episodes']} episodes, {result['queries']} queries) {result['steps']:,} steps",
             ]
         )
-    widths = [max(len(row[column]) for row in rows) for column in range(5)]
-    return [" ".join([*(f"{f:{w}s}" for f, w in zip(row[:5], widths, strict=True)), row[5]]) for row in rows]
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    return [" ".join(f"{f:{w}s}" for f, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def load(name: str) -> MetaLearner:
