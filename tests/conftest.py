@@ -15,6 +15,18 @@ from metaloop.data.base import ClassImages
 from metaloop.tasks.episodes import EpisodeSampler
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n``), each worker gets an equal share of this machine's cores, for its own
+    torch and for the processes its tests start (OMP_NUM_THREADS), so that workers do not oversubscribe
+    the cores; alone, pytest leaves torch's default."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def make_class_images(
     num_classes: int = 12, per_class: int = 10, size: int = 28, seed: int = 0
 ) -> ClassImages:
@@ -102,11 +114,9 @@ def omniglot_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def omniglot_data_dir(omniglot_cache_dir: Path):
-    """``Path($METALOOP_DATA)`` holding ``omniglot/images_background.zip``, else skip.
-
-    For the whole session METALOOP_CACHE points at :func:`omniglot_cache_dir`.
-    """
+def omniglot_source(omniglot_cache_dir: Path):
+    """``Path($METALOOP_DATA)`` holding ``omniglot/images_background.zip``, else skip; for the whole
+    session METALOOP_CACHE points at :func:`omniglot_cache_dir`. Tests ask for :func:`omniglot_data_dir`."""
     env = os.environ.get("METALOOP_DATA")
     if not env or not (Path(env) / "omniglot" / "images_background.zip").is_file():
         reason = (
@@ -123,8 +133,10 @@ def omniglot_data_dir(omniglot_cache_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def omniglot_first_load(omniglot_data_dir: Path, omniglot_cache_dir: Path) -> dict:
-    """The first (decoding) load of Omniglot "background" in this session, timed.
+def omniglot_first_load(omniglot_source: Path, omniglot_cache_dir: Path) -> dict:
+    """The first (decoding) load of Omniglot "background" in this session, timed: made before any test
+    reads Omniglot (:func:`omniglot_data_dir` needs it), whichever test comes first, so it holds under
+    pytest-xdist too, where each worker has its own session and cache.
 
     Returns ``{"dataset": ClassImages, "seconds": float, "cache_before": [...], "cache_after": [...]}``.
     """
@@ -132,10 +144,16 @@ def omniglot_first_load(omniglot_data_dir: Path, omniglot_cache_dir: Path) -> di
 
     before = sorted(p.name for p in omniglot_cache_dir.iterdir())
     start = time.perf_counter()
-    ds = load_omniglot("background", data_dir=omniglot_data_dir, download=False)
+    ds = load_omniglot("background", data_dir=omniglot_source, download=False)
     seconds = time.perf_counter() - start
     after = sorted(p.name for p in omniglot_cache_dir.iterdir())
     return {"dataset": ds, "seconds": seconds, "cache_before": before, "cache_after": after}
+
+
+@pytest.fixture(scope="session")
+def omniglot_data_dir(omniglot_source: Path, omniglot_first_load: dict) -> Path:
+    """``Path($METALOOP_DATA)`` with real Omniglot (else skip), its decoding first load already made."""
+    return omniglot_source
 
 
 @pytest.fixture(scope="session")
