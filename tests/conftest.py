@@ -217,7 +217,7 @@ def learning_curve_laid_out_not_encoded(request, monkeypatch):
     (test_distributed.py, test_crash_resume.py, ...) draw them as ever."""
     if request.node.get_closest_marker("real_learning_curve"):
         return
-    import metaloop.cli
+    import metaloop.cli_commands
 
     def lay_out(run_dir: Path) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -228,7 +228,7 @@ def learning_curve_laid_out_not_encoded(request, monkeypatch):
         FigureCanvasAgg(figure)
         figure.draw_without_rendering()  # every artist laid out and drawn, as save_figure does first
 
-    monkeypatch.setattr(metaloop.cli, "_draw_learning_curve", lay_out)
+    monkeypatch.setattr(metaloop.cli_commands, "_draw_learning_curve", lay_out)
 
 
 # Tests whose outcome depends on floating-point details (precision, determinism, resume, gradient

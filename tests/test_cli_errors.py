@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-import metaloop.cli
+import metaloop.cli_commands
 import metaloop.train
 from metaloop.cli import main
 
@@ -115,7 +115,7 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_code_130(monkeypatch, trai
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(metaloop.cli, "load_checkpoint", interrupted)
+    monkeypatch.setattr(metaloop.cli_commands, "load_checkpoint", interrupted)
     assert main(["eval", "--checkpoint", str(trained_run), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert err == "metaloop eval: interrupted\n"

@@ -38,7 +38,7 @@ def test_paired_difference_matches_a_direct_computation():
 
 
 def test_validation_steadiness_is_the_sd_of_step_to_step_changes(tmp_path):
-    from metaloop.compare import validation_steadiness
+    from metaloop.contenders import validation_steadiness
 
     lines = [
         {"step": 1, "train_loss": 1.0},
