@@ -536,6 +536,11 @@ def check_world(config: Config) -> None:
             f"started as one of {distributed.world_size()} ranks (WORLD_SIZE is set) but not in a process "
             "group: call metaloop.train.run(), or wrap the Trainer in metaloop.distributed.process_group()"
         )
+    check_meta_batch_split(config)
+
+
+def check_meta_batch_split(config: Config) -> None:
+    """Refuse a meta-batch that does not split evenly over the ranks (``$WORLD_SIZE`` before joining)."""
     world, size = distributed.world_size(), config.train.meta_batch_size
     if size % world:
         raise ConfigError(
@@ -551,6 +556,9 @@ def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResu
     Launched by torchrun, joins the process group for the run (timeout ``dist_timeout_s``); every
     rank returns the same result.
     """
+    # Before joining: every rank then refuses on its own, where a rank that joined and left at once
+    # could close its sockets while a slower peer is still connecting, which then fails on that.
+    check_meta_batch_split(config)
     with distributed.process_group(config.device, config.dist_timeout_s):
         trainer = Trainer(config, progress)
         trainer.resume() if resume else trainer.start()
