@@ -2,14 +2,15 @@
 three classifiers of each query:
 
 - ``head``: the network's own output after the inner loop (what ``metaloop eval`` measures);
-- ``nearest_adapted``: the nearest support image by Euclidean distance between the network's features
-  (``net.features``, the ``[hidden]`` mean over the last block's positions) with the adapted context;
+- ``nearest_adapted``: the nearest class prototype (the support mean, ProtoNet's rule) in squared
+  Euclidean distance between the network's features (``net.features``, the ``[hidden]`` mean over the
+  last block's positions) with the adapted context;
 - ``nearest_context0``: the same with the context at 0, the value every task starts from.
 
 CAVIA (Zintgraf et al. 2019, arXiv:1810.03642) adapts only a context vector; its head is shared by every
 task. When the features of the adapted network separate the classes much better than the head reads
 them, the head (the mapping from features to a task's labels), not the representation, limits the model.
-A 1-shot episode's nearest support image is its class prototype, as in a prototypical network.
+At 1 shot a class's prototype is its one support image.
 
 Episodes come from a sampler seeded with ``--seed`` (default: the checkpoint's ``eval.seed``), as
 ``metaloop eval --split SPLIT --queries Q`` draws them, so the ``head`` cell equals
@@ -32,23 +33,14 @@ from pathlib import Path
 import torch
 
 from metaloop import zoo
+from metaloop.algorithms.protonet import prototypes, squared_distances
 from metaloop.checkpoint import load_checkpoint
 from metaloop.config import config_from_dict
-from metaloop.evaluate import confidence_interval
+from metaloop.evaluate import confidence_interval, per_task_metric
 from metaloop.learners import learner_from_checkpoint
 from metaloop.tasks.source import TaskSource
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def nearest_prototype(
-    features_support: torch.Tensor, features_query: torch.Tensor, support_y: torch.Tensor, ways: int
-) -> torch.Tensor:
-    """Labels ``[T, M]`` of the nearest class mean (prototype) of ``features_support`` ``[T, N, D]``
-    (labels ``support_y`` ``[T, N]`` in ``0..ways-1``) for each query of ``features_query`` ``[T, M, D]``."""
-    one_hot = torch.nn.functional.one_hot(support_y, ways).to(features_support.dtype)  # [T, N, W]
-    prototypes = one_hot.transpose(1, 2) @ features_support / one_hot.sum(1)[..., None]  # [T, W, D]
-    return torch.cdist(features_query, prototypes).argmin(-1)
 
 
 def main() -> None:
@@ -86,13 +78,13 @@ def main() -> None:
             logits, adapted = learner.run_inner(
                 batch.support_x, batch.support_y, batch.query_x, steps, meta=False
             )
-            hits["head"].append((logits.argmax(-1) == batch.query_y).double().mean(1))
+            hits["head"].append(per_task_metric(logits, batch))
             context = adapted["context"]  # [T, P]
             for name, ctx in (("nearest_adapted", context), ("nearest_context0", torch.zeros_like(context))):
                 support = learner.net.features(batch.support_x, ctx)  # [T, W*S, D]
                 query = learner.net.features(batch.query_x, ctx)  # [T, W*Q, D]
-                predicted = nearest_prototype(support, query, batch.support_y, ways)
-                hits[name].append((predicted == batch.query_y).double().mean(1))
+                distances = squared_distances(query, prototypes(support, batch.support_y, ways))
+                hits[name].append(per_task_metric(-distances, batch))
     cells = {}
     for name, values in hits.items():
         mean, ci95, std = confidence_interval(torch.cat(values))

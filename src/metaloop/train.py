@@ -556,8 +556,8 @@ def run(config: Config, resume: bool = False, progress: bool = True) -> EvalResu
     Launched by torchrun, joins the process group for the run (timeout ``dist_timeout_s``); every
     rank returns the same result.
     """
-    # Before joining: every rank then refuses on its own, where a rank that joined and left at once
-    # could close its sockets while a slower peer is still connecting, which then fails on that.
+    # Checked before joining, so every rank refuses on its own: a rank that joined and left at once
+    # could close its sockets while a slower peer was still connecting, and that peer would fail there.
     check_meta_batch_split(config)
     with distributed.process_group(config.device, config.dist_timeout_s):
         trainer = Trainer(config, progress)
