@@ -42,12 +42,17 @@ def _carry(cwd: Path, *runs: str) -> subprocess.CompletedProcess:
 
 def test_carry_copies_a_run_and_refuses_a_file_over_the_limit(image_folder, tmp_path, tiny_cli_args):
     run = tmp_path / "runs" / "tiny"
-    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, run)]) == 0
+    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, run, "train.keep_top=1")]) == 0
+    stale = tmp_path / "carried" / "tiny" / "top-0000001.pt"  # kept by an earlier carry, displaced since
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     done = _carry(tmp_path, "tiny")
     assert done.returncode == 0, done.stderr
     assert "'step': 4" in done.stdout
-    for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl"):
+    (top,) = [p.name for p in run.glob("top-*.pt")]
+    for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", top):
         assert (tmp_path / "carried" / "tiny" / name).read_bytes() == (run / name).read_bytes()
+    assert not stale.exists()
 
     big = tmp_path / "runs" / "big"
     shutil.copytree(run, big)

@@ -433,3 +433,59 @@ def test_train_classes_keeps_a_seeded_pick_of_meta_train_classes_only(image_fold
     assert TaskSource(load_config(overrides=args)).dataset("train").class_names == picked.class_names
     with pytest.raises(ConfigError, match="data.train_classes must be between 2 and the 21 classes"):
         TaskSource(load_config(overrides=[*args, "data.train_classes=22"])).dataset("train")
+
+
+def validations(run_dir):
+    """``(step, val_accuracy)`` of every meta-validation in a run's metrics log."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
+
+
+def top_steps(run_dir):
+    return sorted(int(p.stem.split("-")[1]) for p in run_dir.glob("top-*.pt"))
+
+
+def test_keep_top_keeps_the_k_best_validated_models(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    run(tiny_config(image_folder, run_dir, "train.val_every=2", "train.keep_top=3"), progress=False)
+    vals = validations(run_dir)
+    assert len(vals) == 6
+    best_three = sorted(vals, key=lambda v: (-v[1], v[0]))[:3]  # ties: the earlier step stays
+    assert top_steps(run_dir) == sorted(step for step, _ in best_three)
+    for step, accuracy in best_three:
+        state = load_checkpoint(run_dir / f"top-{step:07d}.pt")
+        assert state["step"] == step and state["val"]["mean"] == accuracy
+    best = load_checkpoint(run_dir / "best.pt")
+    first = load_checkpoint(run_dir / f"top-{best_three[0][0]:07d}.pt")
+    assert best["step"] == first["step"]
+    for name, tensor in best["model"].items():
+        assert torch.equal(tensor, first["model"][name]), name
+    saved = load_checkpoint(run_dir / "last.pt")["run_state"]["top"]
+    assert saved == [[accuracy, step] for step, accuracy in best_three]
+
+
+def test_keep_top_resumes_exactly_and_forgets_the_models_it_lost(image_folder, tmp_path, caplog):
+    settings = ("train.val_every=2", "train.keep_top=3")
+    run(tiny_config(image_folder, tmp_path / "whole", *settings), progress=False)
+    run(tiny_config(image_folder, tmp_path / "split", *settings, "train.steps=6"), progress=False)
+    run(tiny_config(image_folder, tmp_path / "split", *settings), resume=True, progress=False)
+    assert top_steps(tmp_path / "split") == top_steps(tmp_path / "whole")
+
+    lost = tmp_path / "lost"
+    run(tiny_config(image_folder, lost, *settings, "train.steps=6"), progress=False)
+    gone = top_steps(lost)[0]
+    (lost / f"top-{gone:07d}.pt").unlink()
+    with caplog.at_level("WARNING", logger="metaloop.train"):
+        run(tiny_config(image_folder, lost, *settings), resume=True, progress=False)
+    assert f"lacks the top-K models validated at steps {gone}" in caplog.text
+    kept = top_steps(lost)
+    assert len(kept) == 3 and gone not in kept
+    # the 3 validations up to step 6 were all kept, so only the lost one is out of the running
+    others = [v for v in validations(lost) if v[0] != gone]
+    expected = [step for step, _ in sorted(others, key=lambda v: (-v[1], v[0]))[:3]]
+    assert [step for _, step in load_checkpoint(lost / "last.pt")["run_state"]["top"]] == expected
+
+
+def test_keep_top_must_not_be_negative(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="train.keep_top must be at least 0, got -1"):
+        tiny_config(image_folder, tmp_path / "run", "train.keep_top=-1")

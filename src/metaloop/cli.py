@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         "setting (the same episodes; sums in another order can move a borderline query's prediction)",
     )
     ev.add_argument("--inner-steps", type=int, help="gradient-based learners: inner steps at test time")
+    ev.add_argument(
+        "--top",
+        type=int,
+        metavar="K",
+        help="--checkpoint a run folder trained with train.keep_top: test the ensemble of its K "
+        "best-validated models (the mean of their logits; MAML++'s test, Antoniou et al. 2019)",
+    )
     ev.add_argument("--split", help="dataset split to test on (default: the run's test split)")
     ev.add_argument("--data-dir", help="dataset folder (default: $METALOOP_DATA or ~/.cache/metaloop)")
     ev.add_argument(

@@ -62,6 +62,7 @@ def _draw_learning_curve(run_dir: Path) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from metaloop.ensemble import Ensemble
     from metaloop.evaluate import test_learner
     from metaloop.learners import learner_class, learner_from_checkpoint
 
@@ -71,7 +72,8 @@ def eval_command(args: argparse.Namespace) -> int:
         )
     if args.device:
         check_device(args.device)  # before reading a checkpoint
-    state = load_checkpoint(args.checkpoint)
+    members = _checkpoints_to_evaluate(args)
+    state = members[0]
     overrides = [
         f"eval.{k}={v}"
         for k in ("ways", "shots", "queries", "episodes", "seed", "batch_size")
@@ -88,23 +90,43 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.inner_steps is not None:
         if not adapts_by_gradient:
             raise ConfigError(f"--inner-steps applies to gradient-based learners, not {state['algorithm']}")
-        state["hparams"]["eval_inner_steps"] = args.inner_steps
+        for member in members:
+            member["hparams"]["eval_inner_steps"] = args.inner_steps
     _check_test_input(state, config)
     if args.attack is not None:
         return _eval_attack(args, state, config)
     if args.epsilon is not None or args.attack_steps is not None:
         raise ConfigError("--epsilon and --attack-steps set up an attack: add --attack fgsm or --attack pgd")
     with distributed.process_group(config.device, config.dist_timeout_s):  # torchrun: shard the episodes
-        learner = learner_from_checkpoint(state).to(distributed.local_device(config.device))
-        result = test_learner(config, learner, progress=not args.no_progress)
+        device = distributed.local_device(config.device)
+        learners = [learner_from_checkpoint(member).to(device) for member in members]
+        model = learners[0] if args.top is None else Ensemble(learners)
+        result = test_learner(config, model, progress=not args.no_progress)
     if not distributed.is_main():
         return 0
     steps = state["hparams"]["eval_inner_steps"] if adapts_by_gradient else None
     after = f" after {steps} inner step{'s' * (steps != 1)}" if steps is not None else ""
-    print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}{after}: {result}")
+    which = ""
+    if args.top is not None:
+        kept = ", ".join(str(member["step"]) for member in members)
+        which = f", the mean logits of its {len(members)} best-validated models (steps {kept})"
+    print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}{after}{which}: {result}")
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def _checkpoints_to_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``eval``'s checkpoint, or with ``--top K`` the K best-validated models of the run folder."""
+    from metaloop.ensemble import top_checkpoints
+
+    if args.top is None:
+        return [load_checkpoint(args.checkpoint)]
+    if args.top < 1:
+        raise ConfigError(f"--top K tests an ensemble of a run's K best-validated models; got K = {args.top}")
+    if args.attack is not None:
+        raise ConfigError("--attack attacks one model; --top evaluates an ensemble: give one or the other")
+    return top_checkpoints(args.checkpoint, args.top)
 
 
 def _check_test_input(state: dict[str, Any], config: Config) -> None:

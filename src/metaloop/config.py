@@ -112,6 +112,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16: bf16 autocasts the meta-loss (inner and outer passes)
     max_minutes: float | None = None  # wall-clock budget (training + validation); stops early when spent
     keep_checkpoints: int = 2  # step-NNNNNNN.pt files kept besides last.pt (0: last.pt only)
+    keep_top: int = 0  # the K best-validated models also kept as top-NNNNNNN.pt (MAML++'s ensemble: 5)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop | skip (the batch) | lower_lr (and skip)
     nonfinite_lr_factor: float = 0.5  # on_nonfinite: lower_lr multiplies the learning rate by this
     tensorboard: bool = False  # also log metrics to <run_dir>/tensorboard (needs the tensorboard package)
@@ -206,6 +207,7 @@ MINIMUMS = {
     "train.val_every": 1,
     "train.val_episodes": 2,
     "train.checkpoint_every": 1,
+    "train.keep_top": 0,
     "eval.shots": 1,
     "eval.queries": 1,
     "eval.episodes": 2,

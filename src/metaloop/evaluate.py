@@ -17,12 +17,14 @@ from tqdm.auto import tqdm
 from metaloop import distributed
 from metaloop.algorithms.base import MetaLearner
 from metaloop.config import Config
+from metaloop.ensemble import Ensemble
 from metaloop.tasks.episodes import EpisodeSampler, TaskBatch
 from metaloop.tasks.heterogeneous import MixedEpisodeSampler, TaskGroups, Tasks
 from metaloop.tasks.sinusoid import SinusoidTasks
 from metaloop.tasks.source import TaskSource
 
 Sampler = EpisodeSampler | MixedEpisodeSampler | SinusoidTasks
+Predictor = MetaLearner | Ensemble  # anything with the learners' predict(tasks)
 
 
 @dataclass
@@ -123,7 +125,7 @@ def sharded_episode_values(
 
 
 @contextmanager
-def evaluation_mode(learner: MetaLearner) -> Iterator[None]:
+def evaluation_mode(learner: Predictor) -> Iterator[None]:
     """``learner`` in eval mode for the ``with`` block, then back in the mode it was in."""
     was_training = learner.training
     learner.eval()
@@ -134,7 +136,7 @@ def evaluation_mode(learner: MetaLearner) -> Iterator[None]:
 
 
 def episode_metrics(
-    learner: MetaLearner,
+    learner: Predictor,
     sampler: Sampler,
     episodes: int,
     batch_size: int = 16,
@@ -154,7 +156,7 @@ def episode_metrics(
 
 
 def evaluate(
-    learner: MetaLearner,
+    learner: Predictor,
     sampler: Sampler,
     episodes: int = 1000,
     batch_size: int = 16,
@@ -171,7 +173,7 @@ def evaluate(
     return EvalResult(mean, ci95, std, episodes, sampler.ways, sampler.shots, sampler.queries, metric)
 
 
-def test_learner(config: Config, learner: MetaLearner, progress: bool = True) -> EvalResult:
+def test_learner(config: Config, learner: Predictor, progress: bool = True) -> EvalResult:
     """Meta-test ``learner`` on ``config.eval`` episodes of the test split."""
     ev = config.eval
     sampler = TaskSource(config).sampler(config.data.test_split, ev.ways, ev.shots, ev.queries, seed=ev.seed)

@@ -4,7 +4,8 @@ checkpoint atomically, resume exactly, log metrics, and finally evaluate on meta
 A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per line) and the same
 records as ``metrics.csv`` (and as TensorBoard events in ``tensorboard/`` with
 ``train.tensorboard: true``), ``last.pt`` (everything needed to resume), ``best.pt`` (the best
-meta-validated model) and ``result.json`` (the meta-test result).
+meta-validated model), with ``train.keep_top: K`` the K best-validated models as ``top-STEP.pt``
+(for an ensemble, :mod:`metaloop.ensemble`), and ``result.json`` (the meta-test result).
 
 Under ``torchrun`` (see :mod:`metaloop.distributed`) every rank runs this loop on its shard of
 each meta-batch with meta-gradients averaged over ranks, so all ranks hold the same parameters
@@ -39,6 +40,7 @@ from metaloop.config import (
     config_to_yaml,
 )
 from metaloop.data.transform import training_record
+from metaloop.ensemble import TOP_PATTERN, top_file_name
 from metaloop.evaluate import EvalResult, Sampler, evaluate, test_learner
 from metaloop.fileio import atomic_link, atomic_write_bytes
 from metaloop.interrupt import StopRequest, TrainingInterrupted, stop_on_signal
@@ -91,6 +93,7 @@ class RunState:
     wall_seconds: float = 0.0  # everything in the loop, validation and checkpoints included
     window: dict[str, float] = field(default_factory=dict)  # metric sums since the last log line
     window_steps: int = 0
+    top: list[list[float]] = field(default_factory=list)  # [score, step] of the kept top-K models, best first
 
 
 class Trainer:
@@ -199,6 +202,7 @@ class Trainer:
                     "wall_seconds": s.wall_seconds,
                     "window": dict(s.window),
                     "window_steps": s.window_steps,
+                    "top": [list(entry) for entry in s.top],
                 },
             },
         )
@@ -208,11 +212,12 @@ class Trainer:
             for old in sorted(self.run_dir.glob("step-*.pt"))[:-keep]:
                 old.unlink()
 
-    def _save_best(self, val: EvalResult) -> None:
+    def _save_model(self, name: str, val: EvalResult) -> None:
+        """Write the current model, as ``best.pt`` holds it, to ``run_dir/name`` (rank 0 only)."""
         if not distributed.is_main():
             return
         save_checkpoint(
-            self.run_dir / "best.pt",
+            self.run_dir / name,
             {
                 "algorithm": self.learner.name,
                 "hparams": self.learner.hparams,
@@ -270,6 +275,7 @@ class Trainer:
         self.state = RunState(**state["run_state"])
         distributed.on_main(self._trim_metrics)
         self._restart_selection_if_best_is_missing()
+        self._forget_missing_top_models()
         self._join_ranks()
 
     def _record_changed_settings(self, saved: dict[str, Any]) -> None:
@@ -301,6 +307,40 @@ class Trainer:
         )
         self._log({"step": s.step, "event": "best_missing", "lost_best_val": s.best_val})
         s.best_val, s.validations_without_improvement = -float("inf"), 0
+
+    def _forget_missing_top_models(self) -> None:
+        """Drop from the kept top-K the models whose ``top-STEP.pt`` is not in the run folder (a run
+        carried without them), saying so, so that later validations take their places."""
+        s = self.state
+        missing = [entry for entry in s.top if not (self.run_dir / top_file_name(int(entry[1]))).is_file()]
+        if not missing:
+            return
+        steps = ", ".join(str(int(step)) for _, step in missing)
+        distributed.on_main(
+            lambda: log.warning(
+                "%s lacks the top-K models validated at steps %s; they leave the ensemble "
+                "(train.keep_top), and later validations take their places",
+                self.run_dir,
+                steps,
+            )
+        )
+        s.top = [entry for entry in s.top if entry not in missing]
+
+    def _keep_top(self, val: EvalResult) -> None:
+        """With ``train.keep_top: K``, keep the model just validated as ``top-STEP.pt`` if it is among
+        the K best validated so far (ties: the earlier step stays), and delete the one it displaces."""
+        k, s = self.config.train.keep_top, self.state
+        if k == 0:
+            return
+        entry = [val.score, s.step]
+        s.top = sorted([*s.top, entry], key=lambda e: (-e[0], e[1]))[:k]
+        if entry in s.top:
+            self._save_model(top_file_name(s.step), val)
+        if distributed.is_main():
+            kept = {top_file_name(int(step)) for _, step in s.top}
+            for path in self.run_dir.glob(TOP_PATTERN):
+                if path.name not in kept:  # displaced, or written after the last.pt a resume started from
+                    path.unlink()
 
     def _trim_metrics(self) -> None:
         """Keep the metric lines of steps up to the loaded checkpoint's (complete lines only)."""
@@ -454,9 +494,10 @@ class Trainer:
                 improved = val.score > s.best_val
                 if improved:
                     s.best_val, s.validations_without_improvement = val.score, 0
-                    self._save_best(val)
+                    self._save_model("best.pt", val)
                 else:
                     s.validations_without_improvement += 1
+                self._keep_top(val)
                 self._log(
                     {
                         "step": s.step,
