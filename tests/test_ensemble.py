@@ -68,6 +68,12 @@ def test_eval_top_k_tests_the_ensemble_of_the_best_validated_models(run_with_top
     assert result["mean"] == pytest.approx(expected.mean().item(), abs=1e-6)  # float32 sums; a query is 1/90
 
 
+def test_eval_top_1_names_the_one_model(run_with_top_models, capsys):
+    assert main(["eval", "--checkpoint", str(run_with_top_models), "--top", "1", "--no-progress"]) == 0
+    best_step = load_checkpoint(run_with_top_models)["step"]
+    assert f", its best-validated model (step {best_step}): 3-way 1-shot accuracy" in capsys.readouterr().out
+
+
 def test_top_checkpoints_are_ordered_best_first(run_with_top_models):
     states = top_checkpoints(run_with_top_models, 2)
     scores = [(state["val"]["mean"], -state["step"]) for state in states]

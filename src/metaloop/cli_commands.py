@@ -109,7 +109,11 @@ def eval_command(args: argparse.Namespace) -> int:
     which = ""
     if args.top is not None:
         kept = ", ".join(str(member["step"]) for member in members)
-        which = f", the mean logits of its {len(members)} best-validated models (steps {kept})"
+        which = (
+            f", the mean logits of its {len(members)} best-validated models (steps {kept})"
+            if len(members) > 1
+            else f", its best-validated model (step {kept})"
+        )
     print(f"{state['algorithm']} on {config.data.name}/{config.data.test_split}{after}{which}: {result}")
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
