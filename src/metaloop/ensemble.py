@@ -77,12 +77,7 @@ def top_checkpoints(run_dir: str | Path, k: int) -> list[dict[str, Any]]:
             f"asked for: train with --set train.keep_top={k} (or more) to keep them, or ask for at most "
             f"{len(states)}"
         )
-    scores = [(-validation_score(state), state["step"]) for state in states]
-    order = sorted(range(len(states)), key=lambda i: scores[i])
-    return [states[i] for i in order[:k]]
+    from metaloop.evaluate import EvalResult  # here: metaloop.evaluate imports this module
 
-
-def validation_score(state: dict[str, Any]) -> float:
-    """Higher is better: a kept model's meta-validation accuracy, or minus its MSE."""
-    val = state["val"]
-    return -val["mean"] if val.get("metric") == "mse" else val["mean"]
+    states.sort(key=lambda state: (-EvalResult(**state["val"]).score, state["step"]))
+    return states[:k]
