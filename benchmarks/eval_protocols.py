@@ -6,9 +6,10 @@ Papers do not all test alike. metaloop's recipes test on all 1,692 classes with 
 Nichol et al.'s Reptile code (``run_omniglot.py`` of openai/supervised-reptile) tests on held-out
 characters without rotations, with one query per class (it draws ``num_shots + 1`` images of each
 class), and its batch norm is transductive, so the number of queries also sets the batch whose
-statistics normalise them. Finn et al.'s MAML code (``main.py`` of cbfinn/maml) tests the same way: one
-query per class, batch statistics of the query batch. This script puts a number on each of those
-differences for a trained model; the differences in training (Reptile's 1,200 random training
+statistics normalise them. Finn et al.'s MAML code (``main.py`` of cbfinn/maml) tests with batch statistics
+of the query batch too, and with as many queries per class as shots (it draws ``2 * update_batch_size``
+images of each class): one query per class at 1 shot, five at 5 shots. This script puts a number on
+each of those differences for a trained model; the differences in training (Reptile's 1,200 random training
 characters against the Vinyals split's 1,028, its nearest-neighbour, uninverted images) need a run of
 their own.
 
