@@ -84,6 +84,37 @@ def test_a_damaged_or_unknown_model_is_refused_in_one_line(tiny_zoo, capsys):
         zoo.load("nope")
 
 
+def test_a_zoo_model_shipped_with_its_top_models_is_tested_as_their_ensemble(
+    image_folder, tmp_path, tiny_cli_args, monkeypatch, capsys
+):
+    """``eval --checkpoint zoo:NAME --top K`` (MAML++'s ensemble test) reads the model's shipped
+    ``top-*.pt``, which ``write_checksums`` lists by default and every use checks."""
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", *tiny_cli_args(image_folder, run, "train.keep_top=2")]) == 0
+    model = tmp_path / "zoo" / "folder" / "tiny-ensemble"
+    shutil.copytree(run, model, ignore=shutil.ignore_patterns("last.pt", "step-*.pt", "metrics.*"))
+    zoo.write_checksums(model)
+    tops = sorted(path.name for path in run.glob("top-*.pt"))
+    listed = [line.split("  ")[1] for line in (model / "SHA256SUMS").read_text().splitlines()]
+    assert len(tops) == 2 and listed == ["best.pt", "config.yaml", "result.json", *tops]
+    monkeypatch.setenv("METALOOP_ZOO", str(tmp_path / "zoo"))
+    results = []
+    for checkpoint in (str(run), "zoo:tiny-ensemble"):
+        out = tmp_path / f"{len(results)}.json"
+        argv = ["eval", "--checkpoint", checkpoint, "--top", "2", "--no-progress", "--json", str(out)]
+        assert main(argv) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1]
+    with open(model / tops[0], "r+b") as f:  # a damaged member is refused, not averaged in
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", "zoo:tiny-ensemble", "--top", "2", "--no-progress"]) == 2
+    assert f"zoo model tiny-ensemble: {tops[0]} has sha256" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", zoo.names())
 def test_every_shipped_model_reproduces_its_result_on_100_episodes(name, omniglot_data_dir, tmp_path):
     """The first 100 of the model's seeded test episodes: their mean lies within the 95% CIs of the two

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaloop import zoo
 from metaloop.algorithms.base import MetaLearner
 from metaloop.checkpoint import CheckpointError, load_checkpoint
 from metaloop.tasks.episodes import TaskBatch
@@ -58,11 +59,12 @@ class Ensemble(nn.Module):
 def top_checkpoints(run_dir: str | Path, k: int) -> list[dict[str, Any]]:
     """The ``k`` checkpoints of ``run_dir``'s ``top-*.pt`` with the best meta-validation scores,
     best first (ties: the earlier step first), as :func:`~metaloop.checkpoint.load_checkpoint` reads them.
+    ``run_dir`` may be a zoo model, ``zoo:<name>``, shipped with its ``top-*.pt`` (their sha256 checked).
 
     Raises :class:`~metaloop.checkpoint.CheckpointError` when ``run_dir`` is not a run folder or holds
     fewer than ``k`` of them (a run trained without ``train.keep_top``, or with a smaller one).
     """
-    run_dir = Path(run_dir)
+    run_dir = zoo.resolve(run_dir)
     if k < 1:
         raise ValueError(f"an ensemble of the top k models needs k >= 1, got {k}")
     if not run_dir.is_dir():

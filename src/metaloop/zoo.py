@@ -1,10 +1,12 @@
 """The model zoo: trained runs shipped with the package, loadable by name.
 
 A zoo model is a run folder under ``metaloop/models/<dataset>/<name>/`` holding what ``metaloop train``
-wrote for the run (``best.pt``, ``config.yaml``, ``result.json``) and ``SHA256SUMS``, the sha256 of each
-of those files. Wherever a run folder or checkpoint is accepted, ``zoo:<name>`` names one::
+wrote for the run (``best.pt``, ``config.yaml``, ``result.json``; for a model whose paper tests an
+ensemble, the ``top-*.pt`` models it averages) and ``SHA256SUMS``, the sha256 of each of those files.
+Wherever a run folder or checkpoint is accepted, ``zoo:<name>`` names one::
 
     metaloop eval --checkpoint zoo:siamese-omniglot-5w1s      # re-measures result.json's number
+    metaloop eval --checkpoint zoo:mamlpp-omniglot-5w1s --top 5   # the ensemble of its 5 best models
     metaloop compare siamese=zoo:siamese-omniglot-5w1s protonet=runs/my_protonet
 
 and from Python ``metaloop.zoo.load(name)`` returns the learner. Every file is checked against its
@@ -94,11 +96,13 @@ def resolve(spec: str | Path) -> Path:
     return run_folder(spec) if is_zoo(spec) else Path(spec)
 
 
-def write_checksums(
-    folder: str | os.PathLike, files: tuple[str, ...] = ("best.pt", "config.yaml", "result.json")
-) -> None:
-    """Write ``folder/SHA256SUMS`` for ``files`` (used when a finished run is added to the zoo)."""
+def write_checksums(folder: str | os.PathLike, files: Sequence[str] | None = None) -> None:
+    """Write ``folder/SHA256SUMS`` for ``files`` (used when a finished run is added to the zoo); by
+    default ``best.pt``, ``config.yaml``, ``result.json`` and whatever ``top-*.pt`` the folder holds."""
     folder = Path(folder)
+    if files is None:
+        tops = sorted(path.name for path in folder.glob("top-*.pt"))
+        files = ("best.pt", "config.yaml", "result.json", *tops)
     lines = [f"{sha256(folder / filename)}  {filename}" for filename in files]
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
 
