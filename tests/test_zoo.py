@@ -105,6 +105,9 @@ def test_a_zoo_model_shipped_with_its_top_models_is_tested_as_their_ensemble(
         assert main(argv) == 0
         results.append(json.loads(out.read_text()))
     assert results[0] == results[1]
+    capsys.readouterr()
+    assert main(["zoo"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("steps; ensemble: --top 2")
     with open(model / tops[0], "r+b") as f:  # a damaged member is refused, not averaged in
         f.seek(200)
         byte = f.read(1)

@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="list the trained models that ship with metaloop",
         description="One line per zoo model: name, learner, dataset, test setting, and its result.json "
-        "(mean ± 95% CI, test episodes, steps trained). Use one as --checkpoint zoo:NAME; its files "
-        "are checked against their sha256 sums then.",
+        "(mean ± 95% CI, test episodes, steps trained), and --top K where the model ships the K models of "
+        "its paper's ensemble test. Use one as --checkpoint zoo:NAME; its files are checked against "
+        "their sha256 sums then.",
     )
     models.add_argument("--paths", action="store_true", help="also print each model's folder")
     models.set_defaults(handler=zoo_command)

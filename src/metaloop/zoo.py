@@ -110,14 +110,16 @@ def write_checksums(folder: str | os.PathLike, files: Sequence[str] | None = Non
 def summaries(names: Sequence[str]) -> list[str]:
     """One line per model for ``metaloop zoo``, in aligned columns: name, learner, dataset (with its
     test split where that is not ``test``), test setting and the model's result.json (mean ± 95% CI
-    over its test episodes, test episodes and queries, steps trained). Read without checking sha256
-    sums, which every use of a model checks."""
+    over its test episodes, test episodes and queries, steps trained), and for a model shipped with the
+    ``top-*.pt`` of its paper's ensemble test, how to run it (``--top K``). Read without checking
+    sha256 sums, which every use of a model checks."""
     rows = []
     for name in names:
         folder = model_folder(name)
         config = yaml.safe_load((folder / "config.yaml").read_text())
         result = json.loads((folder / "result.json").read_text())
         test_split = config["data"]["test_split"]
+        kept = len(list(folder.glob("top-*.pt")))
         rows.append(
             [
                 name,
@@ -125,7 +127,8 @@ def summaries(names: Sequence[str]) -> list[str]:
                 folder.parent.name + ("" if test_split == "test" else f"/{test_split}"),
                 f"{result['ways']}-way {result['shots']}-shot",
                 f"{100 * result['mean']:.2f} ± {100 * result['ci95']:.2f}%",
-                f"({result['episodes']} episodes, {result['queries']} queries) {result['steps']:,} steps",
+                f"({result['episodes']} episodes, {result['queries']} queries) {result['steps']:,} steps"
+                + (f"; ensemble: --top {kept}" if kept else ""),
             ]
         )
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
