@@ -23,6 +23,15 @@ def tiny_zoo(image_folder, tmp_path, tiny_cli_args, monkeypatch):
     return model
 
 
+def flip_a_byte(path):
+    """Change one byte of ``path`` (byte 200), as damage or an edit would."""
+    with open(path, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+
+
 def test_a_zoo_model_is_evaluated_loaded_and_compared_by_name(tiny_zoo, tmp_path, capsys):
     assert zoo.names() == ["tiny-protonet"]
     capsys.readouterr()
@@ -71,11 +80,7 @@ def test_the_listing_aligns_its_columns_and_names_a_test_split_other_than_test(t
 
 
 def test_a_damaged_or_unknown_model_is_refused_in_one_line(tiny_zoo, capsys):
-    with open(tiny_zoo / "best.pt", "r+b") as f:  # one byte changed: the weights are no longer shipped ones
-        f.seek(200)
-        byte = f.read(1)
-        f.seek(200)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_a_byte(tiny_zoo / "best.pt")  # the weights are no longer the shipped ones
     assert main(["eval", "--checkpoint", "zoo:tiny-protonet", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "zoo model tiny-protonet: best.pt has sha256" in err and "damaged or edited" in err
@@ -108,11 +113,7 @@ def test_a_zoo_model_shipped_with_its_top_models_is_tested_as_their_ensemble(
     capsys.readouterr()
     assert main(["zoo"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("steps; ensemble: --top 2")
-    with open(model / tops[0], "r+b") as f:  # a damaged member is refused, not averaged in
-        f.seek(200)
-        byte = f.read(1)
-        f.seek(200)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_a_byte(model / tops[0])  # a damaged member is refused, not averaged in
     capsys.readouterr()
     assert main(["eval", "--checkpoint", "zoo:tiny-ensemble", "--top", "2", "--no-progress"]) == 2
     assert f"zoo model tiny-ensemble: {tops[0]} has sha256" in capsys.readouterr().err

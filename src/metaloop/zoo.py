@@ -101,10 +101,16 @@ def write_checksums(folder: str | os.PathLike, files: Sequence[str] | None = Non
     default ``best.pt``, ``config.yaml``, ``result.json`` and whatever ``top-*.pt`` the folder holds."""
     folder = Path(folder)
     if files is None:
-        tops = sorted(path.name for path in folder.glob("top-*.pt"))
-        files = ("best.pt", "config.yaml", "result.json", *tops)
+        files = ("best.pt", "config.yaml", "result.json", *_kept_models(folder))
     lines = [f"{sha256(folder / filename)}  {filename}" for filename in files]
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def _kept_models(folder: Path) -> list[str]:
+    """The file names of the best-validated models ``folder`` keeps for an ensemble test, sorted."""
+    from metaloop.ensemble import TOP_PATTERN  # metaloop.ensemble imports this module
+
+    return sorted(path.name for path in folder.glob(TOP_PATTERN))
 
 
 def summaries(names: Sequence[str]) -> list[str]:
@@ -119,7 +125,7 @@ def summaries(names: Sequence[str]) -> list[str]:
         config = yaml.safe_load((folder / "config.yaml").read_text())
         result = json.loads((folder / "result.json").read_text())
         test_split = config["data"]["test_split"]
-        kept = len(list(folder.glob("top-*.pt")))
+        kept = len(_kept_models(folder))
         rows.append(
             [
                 name,
