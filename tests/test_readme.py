@@ -45,3 +45,13 @@ def test_python_example_prints_an_accuracy_with_its_ci(tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("path", sorted(set(re.findall(r"configs/[\w.]+\.yaml", README))))
 def test_recipes_named_in_the_readme_exist(path):
     assert (ROOT / path).is_file()
+
+
+def test_the_learner_table_and_count_match_the_learners():
+    from metaloop.algorithms import LEARNERS
+
+    section = README.split("## Learners")[1].split("\n## ")[0]
+    assert sorted(re.findall(r"^\| `(\w+)` \|", section, re.M)) == sorted(LEARNERS)
+    numbers = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+    (count,) = re.findall(r"few-shot learning on PyTorch: (\w+) metric", README)
+    assert numbers.split().index(count) + 1 == len(LEARNERS)

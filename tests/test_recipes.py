@@ -40,6 +40,11 @@ def test_recipes_lists_every_file_with_what_it_trains(capsys):
     assert listed["anil-omniglot-5w1s"].endswith("Raghu, Raghu, Bengio & Vinyals 2020")
     assert listed["protonet-omniglot-20w5s"].split()[3:5] == ["20-way", "5-shot"]
     assert "5-shot regression" in listed["maml-sinusoid"]
+    learner_columns = {line.index(f" {line.split()[1]} ") for line in lines}
+    assert len(learner_columns) == 1, "the columns stay aligned however long a recipe's name"
+    no_paper = sorted(name for name, line in listed.items() if line.endswith(" -"))
+    assert no_paper == ["study-scarce-tasks"], "every paper's recipe names its paper"
+    assert listed["mamlpp-omniglot-5w1s"].endswith("Antoniou, Edwards & Storkey 2019")  # titled citation
 
 
 def test_a_recipe_by_name(tmp_path, capsys):

@@ -299,8 +299,10 @@ def data_command(args: argparse.Namespace) -> int:
 
 
 def recipes_command(args: argparse.Namespace) -> int:
-    for recipe in all_recipes():
-        print(recipe.line() + (f"  {recipe.path}" if args.paths else ""))
+    recipes = all_recipes()
+    name_width = max(len(recipe.name) for recipe in recipes)
+    for recipe in recipes:
+        print(recipe.line(name_width) + (f"  {recipe.path}" if args.paths else ""))
     return 0
 
 

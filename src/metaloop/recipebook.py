@@ -17,9 +17,14 @@ import yaml
 
 from metaloop.config import ConfigError, config_from_dict
 
-# "Finn et al. 2017", "Raghu, Raghu, Bengio & Vinyals 2020": authors, then a year that is not part
-# of an arXiv number (arXiv:1904.04232).
-_CITATION = re.compile(r"((?:[A-Z][\w-]+(?:, | & | and ))*[A-Z][\w-]+(?: et al\.)?) ((?:19|20)\d\d)(?![\d.])")
+# "Finn et al. 2017", "Raghu, Raghu, Bengio & Vinyals 2020", 'Antoniou, Edwards & Storkey, "How to
+# train your MAML", ICLR 2019': authors, an optional quoted title and venue, then a year that is not
+# part of an arXiv number (arXiv:1904.04232).
+_CITATION = re.compile(
+    r"((?:[A-Z][\w-]+(?:, | & | and ))*[A-Z][\w-]+(?: et al\.)?)"  # authors
+    r'(?:, "[^"]+", [A-Za-z]+)?'  # title and venue
+    r" ((?:19|20)\d\d)(?![\d.])"  # year
+)
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,12 @@ class Recipe:
     setting: str  # the test episodes: "5-way 1-shot", or "5-shot regression"
     paper: str  # first citation in the leading comment ("Finn et al. 2017"), or "" if none
 
-    def line(self) -> str:
-        """One line for ``metaloop recipes``."""
-        return f"{self.name:28s} {self.learner:9s} {self.dataset:13s} {self.setting:18s} {self.paper or '-'}"
+    def line(self, name_width: int = 28) -> str:
+        """One line for ``metaloop recipes``, its name padded to ``name_width`` characters."""
+        return (
+            f"{self.name:{name_width}s} {self.learner:9s} {self.dataset:13s} {self.setting:18s} "
+            f"{self.paper or '-'}"
+        )
 
 
 def recipes_folder() -> Path:
