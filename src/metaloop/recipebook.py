@@ -38,8 +38,9 @@ class Recipe:
     setting: str  # the test episodes: "5-way 1-shot", or "5-shot regression"
     paper: str  # first citation in the leading comment ("Finn et al. 2017"), or "" if none
 
-    def line(self, name_width: int = 28) -> str:
-        """One line for ``metaloop recipes``, its name padded to ``name_width`` characters."""
+    def line(self, name_width: int) -> str:
+        """One line for ``metaloop recipes``, its name padded to ``name_width`` characters (the
+        longest name's length, so that the columns align)."""
         return (
             f"{self.name:{name_width}s} {self.learner:9s} {self.dataset:13s} {self.setting:18s} "
             f"{self.paper or '-'}"
